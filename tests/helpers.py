@@ -1,0 +1,31 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def run_python(
+    code: str, env_extra: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `code` with this interpreter in a fresh process and return the finished process.
+
+    The child inherits this process' environment (so `HF_ENDPOINT`, `HF_HUB_CACHE`... set by conftest or by
+    `monkeypatch.setenv` reach it), updated with `env_extra`. A fresh process is the only way to test what a user
+    sees: nothing cached in memory by `huggingface_hub` or diffusers survives into it.
+
+    Raises:
+        AssertionError: the process exited non-zero; the message shows its stdout and stderr.
+    """
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"Subprocess exited with {proc.returncode}.\n--- code ---\n{code}\n"
+            f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+        )
+    return proc
