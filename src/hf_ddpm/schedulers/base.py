@@ -17,6 +17,7 @@ from ..diffusion import (
     q_sample,
     v_from_x0_eps,
 )
+from ..loading import check_local_component
 from ..schedules import make_betas
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -45,7 +46,8 @@ def spaced_timesteps(
     elif spacing == "leading":
         timesteps = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        timesteps = np.round(np.arange(T, 0, -T / n)) - 1
+        # [:n]: for many (T, n), e.g. (1000, 61), float error gives arange n + 1 entries, the last one rounding to -1.
+        timesteps = np.round(np.arange(T, 0, -T / n))[:n] - 1
     else:
         raise ValueError(f"Unknown timestep_spacing {spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}.")
     timesteps = timesteps.astype(np.int64).copy()
@@ -113,6 +115,13 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.custom_timesteps = False
         self._use_timesteps(np.arange(config.num_train_timesteps)[::-1].copy(), device=None)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder: str | None = None, **kwargs):
+        """diffusers' `SchedulerMixin.from_pretrained`, with a clear error for a local folder missing its config."""
+        if pretrained_model_name_or_path is not None:
+            check_local_component(pretrained_model_name_or_path, subfolder, cls.config_name, cls.__name__)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     # --- sampling steps ----------------------------------------------------------------------------------------------
 

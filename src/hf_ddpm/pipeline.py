@@ -1,0 +1,284 @@
+"""HFDDPMPipeline: unconditional sampling with a DDPM U-Net and any DDPM/DDIM scheduler, plus DDIM inversion."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .diffusion import LEARNED_VARIANCE_TYPES
+from .schedulers import DDIMPosteriorScheduler
+
+LIBRARY_NAME = "hf_ddpm"
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class TrajectoryStep(BaseOutput):
+    """One recorded denoising step: the timestep, x_t before the step and the model's x̂_0 (CPU tensors)."""
+
+    timestep: int
+    sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+
+
+@dataclass
+class HFDDPMPipelineOutput(BaseOutput):
+    """Output of `HFDDPMPipeline`.
+
+    Args:
+        images: PIL images, a numpy array [N, H, W, C] in [0, 1], or a tensor [N, C, H, W] in [0, 1].
+        trajectory: the recorded steps when `return_trajectory=True`, else None.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    trajectory: list[TrajectoryStep] | None = None
+
+
+def _downsampling_factor(unet: torch.nn.Module) -> int:
+    config = unet.config
+    levels = config.get("channel_mult") or config.get("block_out_channels") or (1,)
+    return 2 ** (len(levels) - 1)
+
+
+class HFDDPMPipeline(DiffusionPipeline):
+    """Unconditional image generation with a DDPM U-Net (ours or diffusers') and a DDPM or DDIM scheduler.
+
+    After `import hf_ddpm`, `DiffusionPipeline.from_pretrained(repo_or_folder)` returns this class: the saved
+    `model_index.json` names the library `hf_ddpm` for our components (see `hf_ddpm.registration`).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # diffusers records a third-party component as its full module path (hf_ddpm.models.unet); loading looks the
+    # library up as an attribute of diffusers.pipelines, where `import hf_ddpm` registers the package itself.
+    def register_modules(self, **kwargs: Any) -> None:
+        super().register_modules(**kwargs)
+        self._name_our_library(kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)  # also re-registers a swapped component, e.g. `pipe.scheduler = ...`
+        if name in ("unet", "scheduler"):
+            self._name_our_library({name: value})
+
+    def _name_our_library(self, components: dict[str, Any]) -> None:
+        for name, module in components.items():
+            if module is not None and type(module).__module__.split(".")[0] == LIBRARY_NAME:
+                self.register_to_config(**{name: (LIBRARY_NAME, type(module).__name__)})
+
+    # --- helpers -------------------------------------------------------------------------------------------------------
+
+    def _check_call(self, batch_size: int, num_inference_steps: int | None, output_type: str) -> None:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        T = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is not None and (
+            not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an integer in [1, {T}] (the scheduler's num_train_timesteps), "
+                f"got {num_inference_steps!r}."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}.")
+        size, factor = self.unet.config.sample_size, _downsampling_factor(self.unet)
+        sizes = size if isinstance(size, (list, tuple)) else (size, size)
+        if any(s % factor for s in sizes):
+            raise ValueError(
+                f"sample_size {size} is not divisible by the U-Net's downsampling factor {factor}; "
+                f"use a multiple of {factor}."
+            )
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        height, width = size if isinstance(size, (list, tuple)) else (size, size)
+        return (batch_size, self.unet.config.in_channels, height, width)
+
+    def _scheduler_takes(self, name: str) -> bool:
+        return name in inspect.signature(self.scheduler.step).parameters
+
+    def _model_output(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = self.unet(sample, t).sample
+        channels = sample.shape[1]
+        # Our schedulers split a learned variance themselves; diffusers' take it only for learned variance types.
+        keeps_variance = isinstance(self.scheduler, DDIMPosteriorScheduler) or (
+            self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+        )
+        if output.shape[1] == 2 * channels and not keeps_variance:
+            output = output[:, :channels]
+        return output
+
+    def _postprocess(
+        self, images: torch.Tensor, output_type: str
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.float().cpu().permute(0, 2, 3, 1).numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+    # --- sampling ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        timesteps: Sequence[int] | None = None,
+        latents: torch.Tensor | None = None,
+        corrector_steps: int | None = None,
+        use_clipped_model_output: bool | None = None,
+        return_trajectory: bool = False,
+        trajectory_every: int = 1,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> HFDDPMPipelineOutput | tuple:
+        """Sample images.
+
+        Args:
+            batch_size: number of images.
+            num_inference_steps: sampling steps (spaced by the scheduler's `timestep_spacing`); or give `timesteps`.
+            generator: torch generator(s) for the initial noise and the posterior noise.
+            eta: DDIM's η (0 deterministic, 1 DDPM-like); a scheduler without η warns if it is not 0.
+            output_type: "pil", "np" ([N, H, W, C] in [0, 1]) or "pt" ([N, C, H, W] in [0, 1]).
+            timesteps: explicit descending timesteps instead of `num_inference_steps`.
+            latents: the initial x_T, [N, C, H, W] (e.g. from `invert`); drawn from N(0, I) when None.
+            corrector_steps: Langevin corrector steps per timestep (DDPM scheduler); None uses its config.
+            use_clipped_model_output: passed to DDIM schedulers.
+            return_trajectory: also return x_t and x̂_0 every `trajectory_every` steps (and at the last step).
+            callback_on_step_end: `fn(pipe, i, t, {"latents": ...}) -> dict`, which may replace the latents.
+        """
+        if timesteps is not None:
+            num_inference_steps = None
+        if latents is not None:
+            batch_size = latents.shape[0]
+        self._check_call(batch_size, num_inference_steps, output_type)
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not available; allowed: "
+                f"{self._callback_tensor_inputs}."
+            )
+        if eta != 0 and not self._scheduler_takes("eta"):
+            warnings.warn(
+                f"eta={eta} is ignored: {type(self.scheduler).__name__} has no eta (use a DDIM scheduler).",
+                stacklevel=2,
+            )
+        corrector_steps = self._corrector_steps(corrector_steps)
+        if latents is None:
+            latents = randn_tensor(
+                self._sample_shape(batch_size),
+                generator=generator,
+                device=self._execution_device,
+                dtype=self.unet.dtype,
+            )
+        else:
+            latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps)
+        elif "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            self.scheduler.set_timesteps(timesteps=list(timesteps))
+        else:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} does not take explicit timesteps; pass num_inference_steps."
+            )
+        step_kwargs = self._step_kwargs(generator, eta, use_clipped_model_output)
+        trajectory: list[TrajectoryStep] | None = [] if return_trajectory else None
+        last = len(self.scheduler.timesteps) - 1
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            for _ in range(corrector_steps):
+                latents = self.scheduler.langevin_step(self._model_output(latents, t), t, latents, generator=generator)
+            output = self.scheduler.step(self._model_output(latents, t), t, latents, **step_kwargs)
+            if trajectory is not None and (i % trajectory_every == 0 or i == last):
+                x0 = output.pred_original_sample
+                trajectory.append(
+                    TrajectoryStep(int(t), latents.float().cpu(), None if x0 is None else x0.float().cpu())
+                )
+            latents = output.prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                values = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                latents = callback_on_step_end(self, i, t, values).get("latents", latents)
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, trajectory) if return_trajectory else (images,)
+        return HFDDPMPipelineOutput(images=images, trajectory=trajectory)
+
+    def _corrector_steps(self, corrector_steps: int | None) -> int:
+        if corrector_steps is None:
+            corrector_steps = self.scheduler.config.get("corrector_steps", 0) or 0
+        if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 0:
+            raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
+        if corrector_steps and not hasattr(self.scheduler, "langevin_step"):
+            raise ValueError(
+                f"corrector_steps={corrector_steps} needs a scheduler with a Langevin corrector "
+                f"(DDPMPosteriorScheduler); {type(self.scheduler).__name__} has none."
+            )
+        return int(corrector_steps)
+
+    def _step_kwargs(self, generator: Any, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"generator": generator}
+        if self._scheduler_takes("eta"):
+            kwargs["eta"] = eta
+        if use_clipped_model_output is not None and self._scheduler_takes("use_clipped_model_output"):
+            kwargs["use_clipped_model_output"] = use_clipped_model_output
+        return kwargs
+
+    # --- DDIM inversion ------------------------------------------------------------------------------------------------
+
+    def _images_to_tensor(self, images: Any) -> torch.Tensor:
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        if isinstance(images, list):
+            mode = "L" if self.unet.config.in_channels == 1 else "RGB"
+            images = np.stack([np.asarray(image.convert(mode), dtype=np.float32) / 255.0 for image in images])
+            if images.ndim == 3:
+                images = images[..., None]
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # [N, H, W, C] in [0, 1] -> [-1, 1]
+        if not torch.is_tensor(images) or images.ndim != 4:
+            raise ValueError(
+                "images must be PIL images, a numpy array [N, H, W, C] in [0, 1] or a tensor [N, C, H, W] in [-1, 1]."
+            )
+        expected = self._sample_shape(images.shape[0])
+        if tuple(images.shape) != expected:
+            raise ValueError(f"images have shape {tuple(images.shape)}; this U-Net takes {expected}.")
+        return images.to(device=self._execution_device, dtype=self.unet.dtype)
+
+    @torch.no_grad()
+    def invert(self, images: Any, num_inference_steps: int = 50) -> torch.Tensor:
+        """DDIM inversion (η = 0): map images to the latents x_T that `__call__(latents=..., eta=0)` maps back.
+
+        Uses a `DDIMPosteriorScheduler` with this scheduler's config, so the same steps are used both ways.
+        Returns x_T, [N, C, H, W].
+        """
+        if not isinstance(self.scheduler, DDIMPosteriorScheduler):
+            raise ValueError(
+                f"invert needs DDIMPosteriorScheduler; this pipeline has {type(self.scheduler).__name__}. Use "
+                "pipe.scheduler = DDIMPosteriorScheduler.from_config(pipe.scheduler.config) first."
+            )
+        self._check_call(1, num_inference_steps, "pt")
+        latents = self._images_to_tensor(images)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(reversed(self.scheduler.timesteps)):
+            latents = self.scheduler.inverse_step(self._model_output(latents, t), t, latents).prev_sample
+        return latents
