@@ -49,11 +49,12 @@ def _cast(coef: Coef, like: torch.Tensor) -> Coef:
 
 
 def lincomb(a: Coef, x: torch.Tensor, b: Coef, y: torch.Tensor) -> torch.Tensor:
-    """a·x + b·y, with float64 coefficients cast to x's dtype; two fused kernels instead of three."""
+    """a·x + b·y, with float64 coefficients cast to x's dtype; two fused kernels instead of three (one if a is 1)."""
     a, b = _cast(a, x), _cast(b, x)
+    ax = x if not torch.is_tensor(a) and a == 1 else a * x
     if torch.is_tensor(b):
-        return torch.addcmul(a * x, b, y)
-    return torch.add(a * x, y, alpha=b)
+        return torch.addcmul(ax, b, y)
+    return torch.add(ax, y, alpha=b)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

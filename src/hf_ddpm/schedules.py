@@ -70,10 +70,9 @@ def _named_betas(
         beta_start, beta_end = scale * beta_start, scale * beta_end
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    if schedule == "scaled_linear":
+    if schedule in ("scaled_linear", "quadratic"):
+        # the DDPM code's "quad": linear in √β, so β runs from beta_start to beta_end (diffusers: scaled_linear)
         return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-    if schedule == "quadratic":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64) ** 2
     if schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
     if schedule == "constant":
@@ -130,12 +129,27 @@ def make_betas(
                 "the noise level must not decrease."
             )
         betas = _named_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, scale_with_timesteps)
-    bad = ~((betas > 0) & (betas <= 1))
+    # 1 - β == 1 in float64 (β below ~1.1e-16) would make ᾱ = 1 and every posterior term 0 / 0.
+    bad = ~((betas > 0) & (betas <= 1) & (1.0 - betas < 1.0))
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"beta_schedule {name!r} gives β[{index}] = {betas[index].item()!r}; every β must lie in (0, 1]."
+            f"beta_schedule {name!r} gives β[{index}] = {betas[index].item()!r}; every β must lie in (0, 1] "
+            "(and exceed float64's resolution, ~1.1e-16)."
+        )
+    zero = torch.cumprod(1.0 - betas, dim=0)[:-1] == 0
+    if bool(zero.any()):
+        # From there on every β = 1 - ᾱ_t / ᾱ_{t-1} would be 0 / 0 (a β of 1, or ᾱ underflowing float64).
+        index = int(zero.nonzero()[0, 0])
+        raise ValueError(
+            f"beta_schedule {name!r} makes ᾱ_{index} = 0 before the last step (β[{index}] = {betas[index].item()!r}, "
+            f"T={num_train_timesteps}); only the last ᾱ may be 0."
         )
     if rescale_betas_zero_snr:
+        if num_train_timesteps < 2:
+            raise ValueError(
+                f"rescale_betas_zero_snr needs num_train_timesteps >= 2 (it keeps ᾱ_1 and sets ᾱ_T = 0), "
+                f"got {num_train_timesteps}."
+            )
         betas = rescale_zero_terminal_snr(betas)
     return betas
