@@ -22,6 +22,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..loading import check_local_component
+
 __all__ = ["DDPMUNet", "DDPMUNetOutput", "UNET_PRESETS", "timestep_embedding"]
 
 
@@ -181,11 +183,14 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+        to_tokens = lambda t: t.permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # noqa: E731
+        tokens = to_tokens(self.norm(x))
         q, k, v = (f(tokens).view(n, hh * ww, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as the paper's C^-1/2 for one head
         h = self.proj_out(h.transpose(1, 2).reshape(n, hh * ww, c))
-        return h.view(n, hh, ww, c).permute(0, 3, 1, 2).add_(x)
+        # Residual added in place on the Linear output itself, not on a view of it: an in-place op on a view makes
+        # autograd clone the whole gradient in backward (CopySlices).
+        return h.add_(to_tokens(x)).view(n, hh, ww, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -439,6 +444,12 @@ class DDPMUNet(ModelMixin, ConfigMixin):
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any) -> DDPMUNet:
+        """diffusers' `ModelMixin.from_pretrained`, with a clear error for a local folder missing its config."""
+        check_local_component(pretrained_model_name_or_path, kwargs.get("subfolder"), cls.config_name, cls.__name__)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DDPMUNet:
