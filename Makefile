@@ -25,7 +25,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: install
 	$(PY) -m hf_ddpm.demo
