@@ -1,0 +1,19 @@
+"""Training DDPMs with accelerate: flags (`args`), the loop (`loop`), checkpoints, model card and Hub push.
+
+`python train.py ...` or `accelerate launch train.py ...` runs `main`; `train(parse_args([...]))` does the same
+from Python.
+"""
+
+from .args import TRAINING_PRESETS, build_parser, parse_args
+from .loop import TrainingDiverged, TrainingInputError, TrainResult, main, train
+
+__all__ = [
+    "TRAINING_PRESETS",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInputError",
+    "build_parser",
+    "main",
+    "parse_args",
+    "train",
+]
