@@ -135,7 +135,7 @@ def _state_of(output_dir: Path, step: int) -> dict[str, object]:
     checkpoint = output_dir / f"checkpoint-{step}"
     return {
         "raw": load_file(checkpoint / "model.safetensors"),
-        "ema": torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"],
+        "ema": load_file(checkpoint / "ema.safetensors"),  # EMA weights are safetensors, not a pickle
         "optimizer": torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"],
         "pipeline": load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors"),
     }
@@ -424,3 +424,12 @@ def test_pipeline_swap_recovers_from_a_crash(tmp_path: Path) -> None:
     (tmp_path / ".README.md.x1.tmp").write_text("half")
     clean_interrupted_writes(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["model_index.json", "scheduler", "unet"]
+
+
+def test_checkpoints_hold_no_pickled_weights(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_train(out, "--checkpointing_steps", "2", steps=2)
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "ema.safetensors").is_file() and (checkpoint / "model.safetensors").is_file()
+    # accelerate always pickles the RNG states and the LR schedule's counters; no weights are among them
+    assert sorted(p.name for p in checkpoint.glob("*.pkl")) == ["custom_checkpoint_0.pkl", "random_states_0.pkl"]

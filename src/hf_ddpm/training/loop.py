@@ -49,6 +49,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .components import build_noise_scheduler, build_unet, run_signature
+from .ema_state import register_ema_checkpointing
 from .hub import create_hub_repo, push_folder
 from .model_card import TrainingMetrics, render_model_card, write_model_card
 from .output import atomic_write, check_output_dir, clean_interrupted_writes, save_pipeline, write_run_config
@@ -192,7 +193,7 @@ class _Trainer:
                 model_config=self.raw.config,
             )
             self.ema.to(self.device)
-            accelerator.register_for_checkpointing(self.ema)
+            register_ema_checkpointing(accelerator, self.ema)
         self.global_step = 0
         if setup.checkpoint is not None:
             logger.info("resuming from %s (step %d)", setup.checkpoint, setup.resume_step)
