@@ -25,7 +25,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: install
 	$(PY) -m hf_ddpm.demo
