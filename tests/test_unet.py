@@ -323,6 +323,9 @@ def test_bf16_autocast_forward_and_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x, t).sample
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    with torch.no_grad():  # and a model cast to bfloat16 throughout
+        out = model.to(torch.bfloat16)(x.bfloat16(), t).sample
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..loading import check_local_component
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 __all__ = ["DDPMUNet", "DDPMUNetOutput", "UNET_PRESETS", "timestep_embedding"]
 
@@ -505,7 +508,7 @@ class DDPMUNet(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ diffusers UNet2DModel conversion
 
     @classmethod
-    def from_diffusers_unet(cls, unet2d: nn.Module) -> DDPMUNet:
+    def from_diffusers_unet(cls, unet2d: UNet2DModel) -> DDPMUNet:
         """Convert a diffusers `UNet2DModel` of the DDPM family (e.g. `google/ddpm-cifar10-32`) with its weights.
 
         Supported: DownBlock2D / AttnDownBlock2D and UpBlock2D / AttnUpBlock2D with attention at mirrored levels,
@@ -517,10 +520,10 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         model.load_state_dict(state, strict=True)
         return _like(model, unet2d)
 
-    def to_diffusers_unet(self) -> nn.Module:
+    def to_diffusers_unet(self) -> UNet2DModel:
         """The same network as a diffusers `UNet2DModel` (weights copied); ValueError where diffusers has no
         equivalent (pooling resampling, per-level head dims it cannot express)."""
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DModel  # not at module level: keeps diffusers' class name out of our namespace
 
         unet2d = UNet2DModel(**_config_to_diffusers(dict(self.config)))
         state = {_rename(k, _TO_DIFFUSERS): v for k, v in self.state_dict().items()}
