@@ -29,3 +29,30 @@ def run_python(
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc
+
+
+def tiny_unet(conv_out_std: float = 0.05, **overrides):
+    """A seeded 8×8 grayscale DDPMUNet small enough for CPU tests, in eval mode.
+
+    The output conv starts at zero (as in the DDPM code); it gets N(0, conv_out_std²) weights so that the network is
+    not ε ≡ 0.
+    """
+    import torch
+
+    from hf_ddpm import DDPMUNet
+
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_groups=8,
+        dropout=0.0,
+    )
+    unet = DDPMUNet(**{**config, **overrides}).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=conv_out_std)
+    return unet

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_unet
 from test_oracle import MEAN, STD, GaussianOracle, _variational_bound
 
 from hf_ddpm import DDPMUNet
@@ -49,21 +50,7 @@ def test_zero_eps_model_matches_a_hand_computation():
 
 
 def _tiny_unet(learned_variance: bool = False) -> DDPMUNet:
-    torch.manual_seed(0)
-    unet = DDPMUNet(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        num_groups=8,
-        dropout=0.0,
-        learned_variance=learned_variance,
-    ).eval()
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.02)
-    return unet
+    return tiny_unet(conv_out_std=0.02, attention_resolutions=(), learned_variance=learned_variance)
 
 
 def _images(n: int = 4) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
-from helpers import run_python
+from helpers import run_python, tiny_unet
 from safetensors.torch import load_file
 
 import hf_ddpm
@@ -16,22 +16,7 @@ from hf_ddpm import DDIMPosteriorScheduler, DDPMPosteriorScheduler, DDPMUNet, HF
 
 
 def _unet(**overrides) -> DDPMUNet:
-    torch.manual_seed(0)
-    config = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        num_groups=8,
-        dropout=0.0,
-    )
-    unet = DDPMUNet(**{**config, **overrides}).eval()
-    # the output conv starts at zero (as in the DDPM code); give it weights so the "network" is not ε ≡ 0
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
-    return unet
+    return tiny_unet(**overrides)
 
 
 def _pipeline(scheduler=None, **unet_overrides) -> HFDDPMPipeline:
