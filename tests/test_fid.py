@@ -115,6 +115,17 @@ def test_real_vs_real_floor_far_below_noise(digits_extractor: fid.DigitsClassifi
     assert fid.fid_from_images(real, real, digits_extractor) <= 1e-6 * noise_fd
 
 
+def test_floor_grows_as_the_sample_shrinks(digits_extractor: fid.DigitsClassifierExtractor) -> None:
+    """FD's finite-sample bias: the floor for 128 images lies above the one for the whole half; bad sizes fail."""
+    full, small = fid.real_vs_real_floor(digits_extractor), fid.real_vs_real_floor(digits_extractor, num_images=128)
+    assert full < small < 20 * full
+    reference, other = fid.digits_halves()
+    assert len(reference) + len(other) == len(fid.digits_images()[0]) and len(other) - len(reference) == 1
+    for bad in (1, len(other) + 1):
+        with pytest.raises(ValueError, match=rf"num_images must lie in \[2, {len(other)}\].*got {bad}"):
+            fid.real_vs_real_floor(digits_extractor, num_images=bad)
+
+
 def test_digits_features_see_through_training_resolution(digits_extractor: fid.DigitsClassifierExtractor) -> None:
     """Digits as a model trained at 32×32 sees them (data.py's bilinear up-scaling, RGB) give the 8×8 features back."""
     real, _ = fid.digits_images()

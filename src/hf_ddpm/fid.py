@@ -48,6 +48,7 @@ __all__ = [
     "ImageFeatureExtractor",
     "InceptionExtractor",
     "default_cache_dir",
+    "digits_halves",
     "digits_images",
     "digits_report",
     "fid_from_images",
@@ -661,11 +662,22 @@ def real_stats(
     return stats
 
 
-def real_vs_real_floor(extractor: FeatureExtractor | None = None, seed: int = 0) -> float:
-    """FD between two fixed random halves (898 / 899 images) of the real digits: the best a generator of ~900
-    samples can expect (FD is biased upwards at finite N), so quality goals read "within k× the floor"."""
-    extractor = extractor or DigitsClassifierExtractor()
+def digits_halves(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two fixed random halves (898 / 899 images, [N, 1, 8, 8] in [0, 1]) of the real digits."""
     images, _ = digits_images()
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     half = len(images) // 2
-    return fid_from_images(images[perm[:half]], images[perm[half:]], extractor)
+    return images[perm[:half]], images[perm[half:]]
+
+
+def real_vs_real_floor(
+    extractor: FeatureExtractor | None = None, seed: int = 0, num_images: int | None = None
+) -> float:
+    """FD between the first half of `digits_halves` and (the first `num_images` of) the second: the best a generator
+    of that many samples can expect against the first half (FD is biased upwards at finite N), so quality goals
+    read "within k× the floor"."""
+    extractor = extractor or DigitsClassifierExtractor()
+    reference, other = digits_halves(seed)
+    if num_images is not None and not 2 <= num_images <= len(other):
+        raise ValueError(f"num_images must lie in [2, {len(other)}] (the second half's size), got {num_images}.")
+    return fid_from_images(reference, other[:num_images], extractor)

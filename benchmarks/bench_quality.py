@@ -1,0 +1,165 @@
+"""The sampler-quality curve on the built-in digits: digits-FID of DDIM (10/20/50/100 steps, η = 0 and 1) and of
+DDPM ancestral sampling (1000 steps), for the `make demo` model and for diffusers' `train_unconditional.py` recipe
+trained for the same CPU time — the digits analogue of Table 1 of Song et al. (DDIM).
+
+    .venv/bin/python benchmarks/bench_quality.py --threads 1        # trains both (~2x the demo's time), then samples
+    .venv/bin/python benchmarks/bench_quality.py --model outputs/digits-ddpm --cpu_seconds 700   # reuse a model
+    .venv/bin/python benchmarks/bench_quality.py --quick            # tiny budget: checks that it runs
+
+* hf_ddpm: `train.py --preset digits` (what `make demo` runs), timed in process CPU seconds (startup, sample grids
+  and evaluation included, which favours the baseline).
+* diffusers: diffusers_recipe.py (the script's loop and defaults: batch 16, lr 1e-4 with 500 warmup steps, linear β,
+  EMA 0.9999) on the same data at 16x16, with a `UNet2DModel` of our U-Net's architecture and size, for the same
+  process CPU seconds (`time.process_time`, so load from other jobs does not shift the budget).
+* Both are sampled by the same code (`hf_ddpm.evaluate.generate`: HFDDPMPipeline with our DDIM / DDPM schedulers
+  built from each model's own noise-schedule config), the same seed and `--num_samples` images.
+* digits-FID: Fréchet distance in the features of the package's digits classifier (`hf_ddpm.fid`) against half A
+  of the real digits (898 images); the floor is real half B's first `--num_samples` images against the same half A,
+  so the floor and the models are measured alike (FD grows as N shrinks). Classes: how many of the ten digits the
+  classifier finds among the samples, and its mean confidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from diffusers_recipe import train_unconditional_recipe
+
+from hf_ddpm import DDPMPosteriorScheduler, HFDDPMPipeline
+from hf_ddpm.data import digits_dataset, prepare_dataset
+from hf_ddpm.evaluate import evaluate_pipeline, generate, real_images
+from hf_ddpm.fid import DigitsClassifierExtractor, FeatureStats, digits_halves, real_vs_real_floor
+
+DDIM_STEPS = (10, 20, 50, 100)
+QUICK_DDIM_STEPS = (5, 10)
+
+
+def train_ours(output_dir: Path, max_steps: int | None) -> tuple[HFDDPMPipeline, float]:
+    """The demo's recipe; returns the pipeline and the process CPU seconds of the whole `train` call."""
+    from hf_ddpm.training import parse_args, train
+
+    flags = ["--preset", "digits", "--output_dir", os.fspath(output_dir), "--logger", "none"]
+    flags += ["--max_train_steps", str(max_steps)] if max_steps else []
+    start = time.process_time()
+    train(parse_args(flags))
+    return HFDDPMPipeline.from_pretrained(output_dir), time.process_time() - start
+
+
+def train_theirs(like: torch.nn.Module, cpu_seconds: float, quick: bool) -> tuple[HFDDPMPipeline, dict]:
+    """diffusers' recipe on a UNet2DModel of `like`'s architecture, for `cpu_seconds` of process CPU time."""
+    config = like.to_diffusers_unet().config
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config({**config, "dropout": 0.0})  # the script's default dropout
+    size, channels = config["sample_size"], config["in_channels"]
+    dataset = prepare_dataset(digits_dataset(), None, size, center_crop=True, random_flip=False, channels=channels)
+    run = train_unconditional_recipe(unet, dataset, cpu_seconds=cpu_seconds, lr_warmup_steps=20 if quick else 500)
+    scheduler = DDPMPosteriorScheduler.from_config(run.noise_scheduler.config)
+    info = {"steps": run.steps, "cpu_seconds": run.cpu_seconds, "images_per_s": run.images_per_second}
+    return HFDDPMPipeline(unet=run.ema_model.eval(), scheduler=scheduler), info
+
+
+def sampler_table(pipe, reference: FeatureStats, extractor, num_samples: int, ddim_steps, ddpm_steps: int) -> list:
+    """[{sampler, steps, eta, fid, classes, confidence, seconds}] for DDIM η=0/1 at `ddim_steps` and DDPM."""
+    runs = [("ddim", s, eta) for eta in (0.0, 1.0) for s in ddim_steps] + [("ddpm", ddpm_steps, 0.0)]
+    rows = []
+    pipe.set_progress_bar_config(disable=True)
+    for scheduler, steps, eta in runs:
+        start = time.perf_counter()
+        images = generate(pipe, num_samples, scheduler, steps, eta, seed=0, batch_size=256)
+        features = extractor.extract(images)
+        report = extractor.report(images)
+        rows.append(
+            {
+                "sampler": scheduler, "steps": steps, "eta": eta,
+                "fid": reference.frechet_distance(FeatureStats.from_features(features)),
+                "classes": report["classes_present"], "confidence": report["mean_confidence"],
+                "balance": report["balance"], "seconds": round(time.perf_counter() - start, 1),
+            }
+        )  # fmt: skip
+        print(f"  {scheduler} {steps:>4} steps eta={eta:g}: digits-FID {rows[-1]['fid']:.3f}, "
+              f"{report['classes_present']} classes, confidence {report['mean_confidence']:.3f} "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def print_table(title: str, rows: list, ddim_steps) -> None:
+    fids = {(r["sampler"], r["steps"], r["eta"]): r["fid"] for r in rows}
+    ddpm = next(r for r in rows if r["sampler"] == "ddpm")
+    print(f"\n{title}\n  {'sampler':<16}" + "".join(f"{s:>9}" for s in ddim_steps))
+    for eta in (0.0, 1.0):
+        print(f"  {f'DDIM eta={eta:g}':<16}" + "".join(f"{fids[('ddim', s, eta)]:>9.3f}" for s in ddim_steps))
+    print(f"  DDPM ancestral, {ddpm['steps']} steps: {ddpm['fid']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="an hf_ddpm pipeline folder to use instead of training ours")
+    parser.add_argument("--cpu_seconds", type=float, default=None, help="with --model: its training CPU seconds")
+    parser.add_argument("--num_samples", type=int, default=256, help="samples per sampler (default: 256)")
+    parser.add_argument("--output_dir", default=None, help="where ours is trained (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="30 training steps, 2 DDIM step counts, DDPM 50 steps")
+    args = parser.parse_args()
+    if args.model and args.cpu_seconds is None:
+        parser.error("--model needs --cpu_seconds (the CPU time its training took), the diffusers recipe's budget")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    num_samples = min(args.num_samples, 32) if args.quick else args.num_samples
+    ddim_steps, ddpm_steps = (QUICK_DDIM_STEPS, 50) if args.quick else (DDIM_STEPS, 1000)
+    print(f"# bench_quality: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            ours, cpu_seconds = HFDDPMPipeline.from_pretrained(args.model), args.cpu_seconds
+        else:
+            ours, cpu_seconds = train_ours(Path(args.output_dir or tmp) / "hf-ddpm", 30 if args.quick else None)
+        print(f"# hf_ddpm: {cpu_seconds:.0f} CPU s of training; diffusers' recipe gets the same", flush=True)
+        theirs, their_run = train_theirs(ours.unet, cpu_seconds, args.quick)
+        print(f"# diffusers recipe: {their_run['steps']} steps of batch 16 in {their_run['cpu_seconds']:.0f} CPU s")
+
+        extractor = DigitsClassifierExtractor()
+        half_a, _ = digits_halves()
+        reference = FeatureStats.from_features(extractor.extract(half_a))
+        floor = real_vs_real_floor(extractor, num_images=num_samples)
+        size, channels = ours.unet.config.sample_size, ours.unet.config.in_channels
+        real = real_images(None, size, channels, num_samples)
+        result = {"num_samples": num_samples, "floor": floor, "cpu_seconds": cpu_seconds, "diffusers_run": their_run}
+        for name, pipe in (("hf_ddpm", ours), ("diffusers", theirs)):
+            print(f"# sampling {name}", flush=True)
+            rows = sampler_table(pipe, reference, extractor, num_samples, ddim_steps, ddpm_steps)
+            bpd = evaluate_pipeline(pipe, real, ["bpd"], num_samples=num_samples)
+            result[name] = {"samplers": rows, "bpd": bpd["bpd"], "bpd_stderr": bpd["bpd_stderr"]}
+
+    print(f"\ndigits-FID, {num_samples} samples each; real-vs-real floor at that size: {floor:.3f}")
+    for name in ("hf_ddpm", "diffusers"):
+        title = f"{name}: bits/dim {result[name]['bpd']:.3f} ± {result[name]['bpd_stderr']:.3f}"
+        print_table(title, result[name]["samplers"], ddim_steps)
+    fid = {name: {(r["sampler"], r["steps"], r["eta"]): r["fid"] for r in result[name]["samplers"]} for name in
+           ("hf_ddpm", "diffusers")}  # fmt: skip
+    ours_fid, ddpm_key = fid["hf_ddpm"], ("ddpm", ddpm_steps, 0.0)
+    goals = {
+        "demo DDIM-50 FID / floor (goal <= 3)": ours_fid.get(("ddim", 50, 0.0), float("nan")) / floor,
+        "DDIM-50 / DDPM (goal <= 1.10)": ours_fid.get(("ddim", 50, 0.0), float("nan")) / ours_fid[ddpm_key],
+        "DDIM-20 / DDPM (goal <= 1.25)": ours_fid.get(("ddim", 20, 0.0), float("nan")) / ours_fid[ddpm_key],
+        "ours / diffusers, DDPM (goal <= 0.5)": ours_fid[ddpm_key] / fid["diffusers"][ddpm_key],
+        "ours / diffusers, best sampler (goal <= 0.5)": min(ours_fid.values()) / min(fid["diffusers"].values()),
+    }
+    print("\ngoals")
+    for label, value in goals.items():
+        print(f"  {label:<46} {value:.2f}")
+    result["goals"] = goals
+    print(f"# load average at the end {os.getloadavg()[0]:.2f} (on {os.cpu_count()} CPUs)")
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
