@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,21 @@ def run_python(
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc
+
+
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """The start of an `accelerate launch` command line for `num_processes` processes on this machine; append the
+    script and its flags. On a CPU-only machine `--multi_gpu` gives gloo processes (hf_ddpm passes `cpu=True`).
+    Each launch gets a free rendezvous port: two launches on accelerate's default port (xdist workers, other jobs on
+    the machine) would join each other's process group and hang."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+        "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]  # fmt: skip
 
 
 def tiny_unet(conv_out_std: float = 0.05, **overrides):

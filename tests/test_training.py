@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_python
+from helpers import accelerate_launch, run_python
 from safetensors.torch import load_file
 
 from hf_ddpm.data import digits_dataset
@@ -219,11 +219,8 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
 def test_two_processes_with_accelerate_launch(tmp_path: Path, saved_digits: Path) -> None:
     """On this CPU-only machine `--multi_gpu` gives two gloo processes (hf_ddpm passes `cpu=True` to accelerate)."""
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        *train_cmd(out, "--dataset_name", str(saved_digits), "--checkpointing_steps", "3", steps=6)[1:],
-    ]  # fmt: skip
+    flags = ["--dataset_name", str(saved_digits), "--checkpointing_steps", "3"]
+    cmd = accelerate_launch(2) + train_cmd(out, *flags, steps=6)[1:]  # train.py and its flags, without the python
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -30,10 +30,17 @@ Decisions, in one place:
   (an index column added by `prepare_dataset`). The augmentation therefore depends only on (seed, epoch, row),
   not on shuffling, batch size, worker count or how many rows were drawn before — a resumed run sees exactly the
   same crops and flips. For an `IterableDataset` the index is the row's position in the stream (as each
-  DataLoader worker sees its shard), so there it is reproducible for the same stream order and worker count. Call `set_epoch(ds, epoch)`
-  at the start of every epoch (with `persistent_workers=False`, so workers pick up the new epoch). Each row always
-  draws the same three numbers (crop top, crop left, flip) so switching one augmentation on or off does not
-  change the others.
+  DataLoader worker sees its shard), so there it is reproducible for the same stream order and worker count; a
+  stream made from a map-style dataset (saved folder, digits) carries the index column and keys rows by it as the
+  map-style path does. Call `set_epoch(ds, epoch)` at the start of every epoch (with `persistent_workers=False`, so
+  workers pick up the new epoch). Each row always draws the same three numbers (crop top, crop left, flip) so
+  switching one augmentation on or off does not change the others.
+* Streaming (`load_image_dataset(streaming=True)`, then `shard_stream`): Hub ids and image folders stream through
+  `datasets.load_dataset(..., streaming=True)` (one shard per data file); a saved folder or the digits becomes
+  `Dataset.to_iterable_dataset` with up to `STREAM_SHARDS` shards, so that shards can be spread over processes and
+  DataLoader workers. `shard_stream` shuffles (shard order plus a buffer, seeded by (seed, epoch) and the same on
+  every process) and then keeps this process's part (`split_dataset_by_node`: whole shards when their count divides
+  by the number of processes, else every world_size-th example), so the processes read disjoint rows.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+from datasets.distributed import split_dataset_by_node
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,7 @@ __all__ = [
     "load_image_dataset",
     "prepare_dataset",
     "set_epoch",
+    "shard_stream",
 ]
 
 AnyDataset = datasets.Dataset | datasets.IterableDataset
@@ -91,6 +100,10 @@ _INTERPOLATIONS = {
     "hamming": PIL.Image.Resampling.HAMMING,
 }
 _DATA_FILE_EXTENSIONS = (".parquet", ".arrow")
+# Shards of a stream made from a map-style dataset (saved folder, digits): enough for processes x workers.
+STREAM_SHARDS = 64
+# Rows a stream transforms at a time: `datasets`' default of 1000 would hold 1000 decoded images per worker.
+STREAM_MAP_BATCH = 32
 
 
 # --------------------------------------------------------------------------------------------- built-in digits
@@ -156,8 +169,32 @@ def load_image_dataset(
     _check_not_empty(ds, source)
     find_image_column(ds, image_column)
     if streaming and isinstance(ds, datasets.Dataset):
-        ds = ds.to_iterable_dataset()
+        ds = _to_stream(ds)
     return ds
+
+
+def _to_stream(ds: datasets.Dataset) -> datasets.IterableDataset:
+    """A map-style dataset as a stream of up to `STREAM_SHARDS` contiguous shards, each row keeping its index (so
+    that its augmentation is keyed by the row, as in the map-style path, and not by its place in the stream)."""
+    ds = ds.add_column(INDEX_COLUMN, np.arange(len(ds), dtype=np.int64))
+    return ds.to_iterable_dataset(num_shards=min(len(ds), STREAM_SHARDS))
+
+
+def shard_stream(
+    ds: datasets.IterableDataset, rank: int, world_size: int, seed: int = 0, buffer_size: int = 1000
+) -> datasets.IterableDataset:
+    """This process's part of a shuffled stream (apply before `prepare_dataset`).
+
+    The shuffle (shard order, then a buffer of `buffer_size` rows) is seeded by `seed` on every process alike and
+    changes with `set_epoch`; `datasets.distributed.split_dataset_by_node` then gives process `rank` of `world_size`
+    whole shards (when the shard count divides by `world_size`) or every `world_size`-th example, so the processes
+    read disjoint rows that together make the whole stream. Their parts may differ in length by a shard.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+    return split_dataset_by_node(ds.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world_size)
 
 
 def _digits_split(split: str) -> datasets.Dataset:
@@ -595,8 +632,17 @@ def _prepare_map_style(ds: datasets.Dataset, batch_transform: BatchTransform) ->
 
 
 def _prepare_iterable(ds: datasets.IterableDataset, batch_transform: BatchTransform) -> datasets.IterableDataset:
-    """`.map` with stream indices; the transform is kept on the result so `set_epoch` can reach it."""
-    prepared = ds.map(batch_transform, batched=True, with_indices=True, remove_columns=ds.column_names)
+    """`.map` with the index column when the stream has one (`_to_stream`), else with stream indices; the transform
+    is kept on the result so `set_epoch` can reach it."""
+    columns = _column_names(ds)
+    indexed = INDEX_COLUMN in columns
+    prepared = ds.map(
+        batch_transform,
+        batched=True,
+        batch_size=STREAM_MAP_BATCH,
+        with_indices=not indexed,
+        remove_columns=columns,
+    )
     prepared._hf_ddpm_transform = batch_transform
     return prepared
 

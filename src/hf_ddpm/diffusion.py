@@ -328,11 +328,22 @@ class GaussianDiffusion:
         process.timestep_map = chosen
         return process
 
-    @staticmethod
-    def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _at(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] as float64 of shape [N, 1, ..., 1] broadcastable to `like`; cast happens in `lincomb`."""
-        values = table.to(t.device)[t]
+        values = self._on_device(table, t.device)[t]
         return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def _on_device(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`table` on `device`, copied once per device: a blocking host-to-GPU copy at every call would make the
+        host wait for the GPU (twice per training step: in `add_noise` and in the loss)."""
+        if table.device == device:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(table), device)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not table:  # `is`: a replaced table may reuse a freed one's id
+            hit = cache[key] = (table, table.to(device))
+        return hit[1]
 
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """ᾱ_t per sample, float64 [N, 1, ..., 1]."""

@@ -69,7 +69,9 @@ def vlb_terms_at(
 ) -> torch.Tensor:
     """L_{t-1} (or L_0 at t = 0) for every image at one timestep, in nats/dim: x0 [N, C, H, W] -> [N]."""
     t = torch.full((x0.shape[0],), t_value, dtype=torch.long, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    # Drawn where the generator lives, so that a CPU generator serves a GPU model (and gives the same noise).
+    where = generator.device if generator is not None else x0.device
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=where).to(x0.device)
     x_t = process.q_sample(x0, t, noise)
     model_input_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else x0.dtype
     output = _model_output(model, x_t.to(model_input_dtype), t).to(x0.dtype)

@@ -596,7 +596,11 @@ class DigitsClassifierExtractor(ImageFeatureExtractor):
 
     def report(self, images: torch.Tensor) -> dict[str, Any]:
         """Class balance and confidence of (generated) digits [N, C, H, W] in [0, 1]; see `digits_report`."""
-        probs = self.predict_proba(images)
+        return self.report_probabilities(self.predict_proba(images))
+
+    @staticmethod
+    def report_probabilities(probs: torch.Tensor) -> dict[str, Any]:
+        """`report` from class probabilities [N, 10] (`predict_proba`, e.g. gathered from several processes)."""
         hist = torch.bincount(probs.argmax(1), minlength=10)
         frac = hist.double() / max(len(probs), 1)
         nonzero = frac[frac > 0]

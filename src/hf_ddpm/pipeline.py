@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .compilation import check_compile, compile_kwargs
 from .diffusion import LEARNED_VARIANCE_TYPES
 from .schedulers import DDIMPosteriorScheduler
 
@@ -112,7 +113,8 @@ class HFDDPMPipeline(DiffusionPipeline):
         return name in inspect.signature(self.scheduler.step).parameters
 
     def _model_output(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        output = self.unet(sample, t).sample
+        # In the latents' dtype: under autocast the U-Net returns bf16/fp16, the scheduler's math stays in float32.
+        output = self.unet(sample, t).sample.to(sample.dtype)
         channels = sample.shape[1]
         # Our schedulers split a learned variance themselves; diffusers' take it only for learned variance types.
         keeps_variance = isinstance(self.scheduler, DDIMPosteriorScheduler) or (
@@ -130,6 +132,38 @@ class HFDDPMPipeline(DiffusionPipeline):
             return images
         array = images.float().cpu().permute(0, 2, 3, 1).numpy()
         return array if output_type == "np" else self.numpy_to_pil(array)
+
+    # --- speed -------------------------------------------------------------------------------------------------------
+
+    def compile_unet(
+        self,
+        mode: str | None = None,
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
+        backend: str = "inductor",
+        options: dict[str, Any] | None = None,
+    ) -> HFDDPMPipeline:
+        """`torch.compile` the U-Net in place (`nn.Module.compile`); returns the pipeline.
+
+        The U-Net keeps its class, config and state-dict keys, so `save_pretrained` writes the same files as before
+        and `pipe.unet` is still a `DDPMUNet` (or `UNet2DModel`). The first call at each batch size, dtype or device
+        compiles (tens of seconds); later calls run the generated kernels. Call it after `pipe.to(device)`.
+
+        Args:
+            mode: inductor's mode: None/"default", "reduce-overhead" (adds CUDA graphs: the fastest sampling on
+                GPUs at small batches), "max-autotune" (tries kernel variants: slow to compile).
+            fullgraph: fail on a graph break instead of falling back to Python there.
+            dynamic: compile for symbolic batch sizes (True), static ones (False), or decide on a recompile (None).
+            backend: a TorchDynamo backend; inductor generates code, "aot_eager" only captures graphs (debugging).
+            options: inductor options (see `torch._inductor.list_options()`); not together with `mode`.
+
+        Raises:
+            CompilerUnavailable: inductor cannot build code here (no C++ compiler / Python headers on CPU, no triton
+                on CUDA); the U-Net is left uncompiled.
+        """
+        check_compile(backend, self.unet.device)
+        self.unet.compile(**compile_kwargs(backend, mode, fullgraph, dynamic, options))
+        return self
 
     # --- sampling ------------------------------------------------------------------------------------------------------
 
@@ -203,10 +237,15 @@ class HFDDPMPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta, use_clipped_model_output)
         trajectory: list[TrajectoryStep] | None = [] if return_trajectory else None
         last = len(self.scheduler.timesteps) - 1
+        # The U-Net gets the timesteps on its device, copied once: a CPU timestep per call would be a blocking
+        # host-to-GPU copy, a host sync per step. The scheduler keeps its own (CPU) timesteps.
+        unet_timesteps = torch.as_tensor(self.scheduler.timesteps).to(latents.device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             for _ in range(corrector_steps):
-                latents = self.scheduler.langevin_step(self._model_output(latents, t), t, latents, generator=generator)
-            output = self.scheduler.step(self._model_output(latents, t), t, latents, **step_kwargs)
+                latents = self.scheduler.langevin_step(
+                    self._model_output(latents, unet_timesteps[i]), t, latents, generator=generator
+                )
+            output = self.scheduler.step(self._model_output(latents, unet_timesteps[i]), t, latents, **step_kwargs)
             if trajectory is not None and (i % trajectory_every == 0 or i == last):
                 x0 = output.pred_original_sample
                 trajectory.append(

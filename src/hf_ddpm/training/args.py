@@ -14,10 +14,12 @@ from typing import Any
 
 from diffusers.optimization import SchedulerType
 
+from ..compilation import DYNAMO_BACKENDS, DYNAMO_MODES
 from ..diffusion import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..losses import LOSS_TYPES, check_loss_config
 from ..models.unet import UNET_PRESETS
 from ..schedules import make_betas
+from .periodic_eval import validate_eval_args
 
 # The recipes. Keys are flag names (dest); every value here is a default that an explicit flag overrides.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
@@ -48,7 +50,6 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
         checkpointing_steps=400,
         checkpoints_total_limit=2,
         save_images_steps=400,
-        eval_steps=200,
     ),
     # Ho et al. 2020, Appendix B (CIFAR-10): 35.7M U-Net, lr 2e-4 with 5000 warmup steps then constant, batch 128,
     # dropout 0.1, random flips, EMA 0.9999, gradient clipping at 1, linear β 1e-4..0.02 over T = 1000, 800k steps.
@@ -72,7 +73,6 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
         checkpointing_steps=5000,
         checkpoints_total_limit=3,
         save_images_steps=10_000,
-        eval_steps=5000,
     ),
 }
 DEFAULT_PRESET = "digits"
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--center_crop", action=flag, help="Center crop (else random crop) after resizing the shorter side.")
     add("--random_flip", action=flag, help="Random horizontal flips.")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: the main process).")
+    add("--streaming", action="store_true", default=False, help="Read the dataset as a stream (a `datasets` IterableDataset: nothing downloaded or converted up front), each process its own shards; needs --max_train_steps. Resumable: a checkpoint stores each process's place in the stream.")  # fmt: skip
+    add("--shuffle_buffer_size", type=int, default=1000, help="With --streaming: rows in the shuffle buffer (the shard order is shuffled too).")  # fmt: skip
 
     group = parser.add_argument_group("optimisation")
     add("--train_batch_size", type=int, help="Batch size per process.")
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_power", type=float, help="EMA warmup power.")
     add("--ema_max_decay", type=float, help="Maximum EMA decay.")
     add("--mixed_precision", choices=MIXED_PRECISIONS, default="no", help="Autocast dtype; the noise schedule and the loss stay in float32. fp16 needs a GPU.")  # fmt: skip
+    add("--dynamo_backend", choices=DYNAMO_BACKENDS, default=None, help="torch.compile the U-Net's training forward with this TorchDynamo backend (flag named as accelerate launch names it): inductor generates kernels (needs a C++ compiler and Python headers on CPU, triton on GPUs; checked before the run); aot_eager/eager only capture graphs (debugging); no: eager PyTorch. Saved weights and checkpoints are the same either way. None: accelerate's setting (`accelerate launch --dynamo_backend`, else no).")  # fmt: skip
+    add("--dynamo_mode", choices=DYNAMO_MODES, default=None, help="inductor's torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune tries kernel variants (slow to compile). None: accelerate's setting (`accelerate launch --dynamo_mode`, else default).")  # fmt: skip
+    add("--channels_last", action=flag, default=None, help="Conv weights and input batches in torch.channels_last (NHWC) memory format, the fast layout of tensor-core and oneDNN convolutions; --no-channels_last keeps NCHW. The same math either way. None: the U-Net's choice, channels_last on CPU and NCHW on GPUs.")  # fmt: skip
     add("--seed", type=int, default=0, help="Seed of everything random (per process: seed + rank).")
 
     group = parser.add_argument_group("outputs")
@@ -156,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
     add("--sample_steps", type=int, default=50, help="DDIM steps for the sample grids.")
     add("--save_images_steps", type=int, help="Sample grids (EMA and raw model) every N steps; 0: only at the end.")
-    add("--eval_steps", type=int, help="Loss on a fixed batch (fixed noise and timesteps) every N steps; 0: off.")
     add(
         "--checkpointing_steps", type=int, help="Save a resumable checkpoint (and the pipeline) every N steps; 0: off."
     )
@@ -165,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--push_to_hub", action="store_true", default=False, help="Upload the pipeline and model card to the Hub at each save.")  # fmt: skip
     add("--hub_model_id", default=None, help="Hub repo id; None: the output folder's name under your user.")
     add("--hub_private_repo", action="store_true", default=False, help="Create the Hub repo as private.")
+
+    group = parser.add_argument_group("evaluation (the metrics of `python -m hf_ddpm.evaluate`, on a small budget)")
+    add("--eval_steps", type=int, default=0, help="Evaluate every N steps, at step 0 and at the end, logging the seconds spent: the loss of the raw (and EMA) weights on a fixed batch (fixed noise and timesteps), and --eval_metrics of the saved (EMA) weights, each process on its share; 0: off.")  # fmt: skip
+    add("--eval_metrics", default=None, help="Comma-separated: bpd (bits/dim of the first --eval_num_samples training images, unaugmented), fid (of --eval_num_samples DDIM samples against those images); none: the loss only. None: bpd,fid where FID has features (see --eval_features), else bpd.")  # fmt: skip
+    add("--eval_num_samples", type=int, default=64, help="Evaluation budget over all processes: real images for bits/dim and samples for FID (>= 2).")  # fmt: skip
+    add("--eval_sample_steps", type=int, default=20, help="DDIM steps of the FID samples.")
+    add("--eval_features", default=None, help="FID features: digits, inception or dinov2[:MODEL_ID_OR_PATH]. None: digits on the built-in digits, else no FID.")  # fmt: skip
+    add("--eval_bpd_mode", choices=("fast", "exact"), default="fast", help="Bits/dim: fast (a stratified estimate over t, with its standard error) or exact (all T steps).")  # fmt: skip
     return parser
 
 
@@ -222,12 +234,19 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 0:
         raise ValueError(f"--checkpoints_total_limit must be >= 0, got {args.checkpoints_total_limit}.")
+    validate_eval_args(args)
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if not 0 <= args.ema_max_decay <= 1:
         raise ValueError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}.")
     if args.sample_steps > args.ddpm_num_steps:
         raise ValueError(f"--sample_steps {args.sample_steps} exceeds --ddpm_num_steps {args.ddpm_num_steps}.")
+    if args.shuffle_buffer_size < 1:
+        raise ValueError(f"--shuffle_buffer_size must be >= 1, got {args.shuffle_buffer_size}.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError(
+            "--streaming needs --max_train_steps: a stream's length is unknown, so --num_epochs cannot set the length."
+        )
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("give either --dataset_name or --train_data_dir, not both.")
     if args.unet_overrides is not None and not isinstance(args.unet_overrides, dict):
@@ -241,6 +260,8 @@ def validate_args(args: argparse.Namespace) -> None:
         check_loss_config(args.loss_type, args.variance_type, learned, args.snr_gamma)
     except ValueError as err:
         raise ValueError(f"--loss_type {args.loss_type} / --variance_type {args.variance_type}: {err}") from err
+    if args.dynamo_mode not in (None, "default") and args.dynamo_backend not in (None, "inductor"):
+        raise ValueError(f"--dynamo_mode {args.dynamo_mode} applies to --dynamo_backend inductor only.")
     if args.mixed_precision == "fp16":
         import torch
 

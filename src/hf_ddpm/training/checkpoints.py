@@ -1,7 +1,9 @@
 """Resumable checkpoints: `accelerator.save_state` written atomically, rotation, and resuming with a config check.
 
 A checkpoint is `output_dir/checkpoint-<step>/`: accelerate's files (model, optimizer, per-process RNG states, the
-registered LR schedule and EMA) plus `hf_ddpm_checkpoint.json` (the step and the run signature). It is written to
+registered LR schedule and EMA) plus `hf_ddpm_checkpoint.json` (the step and the run signature) and, for a
+`--streaming` run, `stream_state_rank<N>.json` per process (where that process is in its part of the stream: the
+processes' parts differ, so each writes its own, as accelerate's `random_states_<N>.pkl`). It is written to
 `checkpoint-<step>.tmp` and renamed when complete, so a folder named `checkpoint-<step>` is always whole; a
 killed run leaves at most a `.tmp` folder, which the next run removes.
 """
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "hf_ddpm_checkpoint.json"
+STREAM_STATE_FILE = "stream_state_rank{rank}.json"
 _COMPLETE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _PARTIAL = re.compile(rf"^{CHECKPOINT_PREFIX}\d+\.(tmp|old)$")
 
@@ -54,10 +57,12 @@ def save_checkpoint(
     signature: dict[str, Any],
     total_limit: int | None = None,
     progress: dict[str, Any] | None = None,
+    stream_state: dict[str, Any] | None = None,
 ) -> Path:
     """`accelerator.save_state` into `checkpoint-<step>.tmp`, then rename to `checkpoint-<step>`; keep at most
-    `total_limit` checkpoints. Every process must call it (each writes its own RNG state); the main process
-    renames and rotates. `progress` (the run's running measurements) is stored beside the step."""
+    `total_limit` checkpoints. Every process must call it (each writes its own RNG state and `stream_state`, its
+    position in its part of a stream); the main process renames and rotates. `progress` (the run's running
+    measurements) is stored beside the step."""
     folder = Path(output_dir)
     final = folder / f"{CHECKPOINT_PREFIX}{step}"
     tmp = folder / f"{final.name}.tmp"
@@ -65,6 +70,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if stream_state is not None:
+        (tmp / STREAM_STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(stream_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": step, "signature": signature, "progress": progress or {}}
@@ -110,6 +117,18 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -
 def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     """The step and run signature stored in a checkpoint."""
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def read_stream_state(path: str | os.PathLike, rank: int) -> dict[str, Any]:
+    """Process `rank`'s position in its part of the stream, stored in a `--streaming` run's checkpoint.
+
+    Raises:
+        ValueError: the checkpoint holds no position for that process.
+    """
+    file = Path(path) / STREAM_STATE_FILE.format(rank=rank)
+    if not file.is_file():
+        raise ValueError(f"checkpoint {os.fspath(path)!r} holds no stream position for process {rank} ({file.name})")
+    return json.loads(file.read_text())
 
 
 def check_checkpoint_signature(path: str | os.PathLike, signature: dict[str, Any]) -> int:

@@ -61,7 +61,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _dataset_identity(args: argparse.Namespace, num_rows: int) -> dict[str, Any]:
+def _dataset_identity(args: argparse.Namespace, num_rows: int | None) -> dict[str, Any]:
     name = args.dataset_name
     if name is not None and os.path.exists(os.path.expanduser(name)):
         name = os.path.abspath(os.path.expanduser(name))
@@ -80,11 +80,15 @@ def run_signature(
     unet: DDPMUNet,
     scheduler: DDPMPosteriorScheduler,
     num_processes: int,
-    num_rows: int,
+    num_rows: int | None,
 ) -> dict[str, Any]:
     """The settings a checkpoint can only be resumed under: the model and process (else the weights do not load
     or mean something else), the loss, and what fixes the data order (else `skip_first_batches` skips the wrong
-    batches). Learning rate, step counts, logging and outputs may change between runs."""
+    batches). Learning rate, step counts, logging and outputs may change between runs.
+
+    A `--streaming` run (`num_rows` None: a stream is not counted) adds a `streaming` entry: its data order also
+    depends on the shuffle buffer and on how the DataLoader workers split the shards. A map-style run has no such
+    entry, so neither kind of checkpoint is resumed as the other."""
     unet_cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     sched_keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
     return _plain(
@@ -103,8 +107,14 @@ def run_signature(
             "use_ema": args.use_ema,
             "seed": args.seed,
             "dataset": _dataset_identity(args, num_rows),
+            **(_stream_identity(args) if args.streaming else {}),
         }
     )
+
+
+def _stream_identity(args: argparse.Namespace) -> dict[str, Any]:
+    stream = {"shuffle_buffer_size": args.shuffle_buffer_size, "dataloader_num_workers": args.dataloader_num_workers}
+    return {"streaming": stream}
 
 
 def signature_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

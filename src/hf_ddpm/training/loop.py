@@ -2,10 +2,13 @@
 
 One optimizer step is `--gradient_accumulation_steps` batches; step counts (`--max_train_steps`, the LR schedule,
 checkpoints, grids) are optimizer steps. Under `accelerate launch` every process trains on its shard of each
-epoch (accelerate's `prepare`), and only the main process writes files, logs images or pushes.
+epoch (accelerate's `prepare`), and only the main process writes files, logs images or pushes. With `--streaming`
+each process reads its own part of the stream (`data.shard_stream`), epoch after epoch at its own pace, until
+`--max_train_steps` (`batches.StreamBatches`).
 
 Reproducibility: the noise and timesteps come from the global torch RNG, seeded with `seed + rank` and saved per
-process in every checkpoint; the data order is a function of (seed, epoch) (`EpochShuffleSampler`); sampling
+process in every checkpoint; the data order is a function of (seed, epoch) (`EpochShuffleSampler`; a stream's of
+(seed, epoch, processes, workers), and each process's place in it is saved per process too); sampling
 and evaluation use their own generators. A run resumed from a checkpoint therefore continues bit for bit (on CPU).
 """
 
@@ -19,7 +22,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,22 +31,33 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..data import SkippedImages, find_image_column, infer_channels, load_image_dataset, prepare_dataset, set_epoch
+from ..compilation import compile_kwargs, compile_problem
+from ..data import (
+    SkippedImages,
+    find_image_column,
+    infer_channels,
+    load_image_dataset,
+    prepare_dataset,
+    set_epoch,
+    shard_stream,
+)
+from ..evaluate import Evaluator
 from ..losses import training_losses
 from ..models.unet import DDPMUNet
 from ..pipeline import HFDDPMPipeline
 from ..schedulers import DDPMPosteriorScheduler
 from .args import parse_args
-from .batches import build_dataloader, eval_batch
+from .batches import StreamBatches, build_dataloader, eval_batch
 from .checkpoints import (
     check_checkpoint_signature,
     list_checkpoints,
     read_checkpoint_state,
+    read_stream_state,
     remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
@@ -53,6 +67,7 @@ from .ema_state import register_ema_checkpointing
 from .hub import create_hub_repo, push_folder
 from .model_card import TrainingMetrics, render_model_card, write_model_card
 from .output import atomic_write, check_output_dir, clean_interrupted_writes, save_pipeline, write_run_config
+from .periodic_eval import build_evaluator, eval_logs
 from .samples import sample_images, save_grid
 
 logger = logging.getLogger(__name__)
@@ -82,7 +97,7 @@ class TrainResult:
 
 @dataclass
 class _Setup:
-    dataset: datasets.Dataset
+    dataset: datasets.Dataset | datasets.IterableDataset  # a stream: this process's part of it (--streaming)
     channels: int
     unet: DDPMUNet
     noise_scheduler: DDPMPosteriorScheduler
@@ -90,6 +105,7 @@ class _Setup:
     checkpoint: Path | None
     resume_step: int
     progress: dict[str, Any]  # the resumed run's measurements so far (empty for a new run)
+    evaluator: Evaluator | None = None  # --eval_metrics at each --eval_steps, on every process
 
 
 def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
@@ -103,16 +119,22 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
             args.train_data_dir,
             args.image_column,
             cache_dir=args.cache_dir,
+            streaming=args.streaming,
         )
     column = find_image_column(raw, args.image_column)
-    channels = args.channels or infer_channels(raw, column)
+    channels = args.channels or infer_channels(raw, column)  # from the whole stream's first rows: alike everywhere
+    part = raw
+    if args.streaming:
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        part = shard_stream(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
     dataset = prepare_dataset(
-        raw, column, args.resolution, args.center_crop, args.random_flip, channels, seed=args.seed
+        part, column, args.resolution, args.center_crop, args.random_flip, channels, seed=args.seed
     )
     set_seed(args.seed)  # the same initial weights on every process
     unet = build_unet(args, channels)
     noise_scheduler = build_noise_scheduler(args)
-    signature = run_signature(args, unet, noise_scheduler, accelerator.num_processes, len(raw))
+    num_rows = None if args.streaming else len(raw)
+    signature = run_signature(args, unet, noise_scheduler, accelerator.num_processes, num_rows)
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     resume_step = check_checkpoint_signature(checkpoint, signature) if checkpoint is not None else 0
     earlier = list_checkpoints(output_dir)
@@ -124,7 +146,10 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
             "--resume_from_checkpoint latest to continue it, or use a new --output_dir (or delete them) to start over."
         )
     progress = read_checkpoint_state(checkpoint).get("progress", {}) if checkpoint is not None else {}
-    return _Setup(dataset, channels, unet, noise_scheduler, signature, checkpoint, resume_step, progress)
+    evaluator = build_evaluator(args, raw, column, channels, accelerator)  # last: it may take seconds
+    return _Setup(
+        dataset, channels, unet, noise_scheduler, signature, checkpoint, resume_step, progress, evaluator=evaluator
+    )
 
 
 def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,12 +191,32 @@ class _Trainer:
             # One kernel over all parameters instead of ~10 small ops per tensor: 8x faster on CPU for tiny-16.
             fused=True,
         )
-        loader = build_dataloader(setup.dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+        # A stream is read through StreamBatches and not prepared (accelerate would shard it again, across processes
+        # that already read disjoint parts), so `self.loader` is None for it.
+        self.stream: StreamBatches | None = None
+        loader = None
+        if args.streaming:
+            self.stream = StreamBatches(setup.dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+        else:
+            loader = build_dataloader(setup.dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+        # --channels_last: the weights take the activations' layout before DDP and the optimizer state see them.
+        self.channels_last = args.channels_last if args.channels_last is not None else self.device.type == "cpu"
+        unet.channels_last = self.channels_last
+        unet.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.model, self.optimizer, self.loader = accelerator.prepare(unet, optimizer, loader)
         self.raw = accelerator.unwrap_model(self.model)
-        self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
-        self.max_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
-        self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        # --dynamo_backend: a compiled wrapper (over the DDP module, as accelerate would compile it) for the training
+        # forward only. accelerate's own compile would put it in its model list, and `save_state` would then write
+        # `_orig_mod.`-prefixed weights that an uncompiled run cannot resume; sampling and evaluation at other batch
+        # sizes would recompile it. So checkpoints, EMA, evaluation and sampling use the plain module.
+        dynamo = _dynamo_kwargs(args)
+        self.train_model = torch.compile(self.model, **dynamo) if dynamo is not None else self.model
+        if self.stream is None:
+            self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+            self.max_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
+            self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        else:  # a stream's length is unknown: --max_train_steps alone sets the run's (args.py requires it)
+            self.max_steps = args.max_train_steps
         # Not prepared by accelerate, which would step it once per process: the schedule counts optimizer steps.
         self.lr_scheduler = get_scheduler(
             args.lr_scheduler,
@@ -201,6 +246,8 @@ class _Trainer:
             self.global_step = setup.resume_step
             if self.ema is not None:
                 self.ema.to(self.device)
+            if self.stream is not None:  # each process continues where it was in its own part of the stream
+                self.stream.load_state_dict(read_stream_state(setup.checkpoint, accelerator.process_index))
         # Each process draws its own noise from here on (seed + rank); a resumed run got its RNG from load_state.
         if setup.checkpoint is None:
             set_seed(args.seed, device_specific=True)
@@ -238,12 +285,15 @@ class _Trainer:
             x0 = torch.zeros(1, self.setup.channels, size, size, device=self.device)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device)
+        if self.args.channels_last:  # drawn in NCHW above (randn_like follows its input's layout), so the same noise
+            x0, noise = (x.contiguous(memory_format=torch.channels_last) for x in (x0, noise))
         with self.accelerator.accumulate(self.model):
-            loss = self._forward_loss(x0, noise, t, self.model).loss.mean() * float(real)
+            loss = self._forward_loss(x0, noise, t, self.train_model).loss.mean() * float(real)
             mean_loss = self.accelerator.reduce(loss.detach(), reduction="mean")
-            self._window_finite &= bool(torch.isfinite(mean_loss))
             # Backward even on a NaN loss: DDP expects one after every forward; those gradients are dropped below.
             self.accelerator.backward(loss)
+            # Read after queueing the backward: reading it before would leave a GPU idle while the host queues it.
+            self._window_finite &= bool(torch.isfinite(mean_loss))
             if self.accelerator.sync_gradients:
                 if self._window_finite:
                     if self.args.max_grad_norm > 0:
@@ -278,6 +328,7 @@ class _Trainer:
                 self.setup.signature,
                 args.checkpoints_total_limit,
                 progress=self.progress(),
+                stream_state=self.stream.state_dict() if self.stream is not None else None,
             )
         if not self.accelerator.is_main_process:
             return
@@ -317,19 +368,37 @@ class _Trainer:
         self.grid_step = self.global_step
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, torch.Tensor]) -> None:
-        """Loss of the raw (and EMA) weights on the fixed evaluation batch, logged as eval/loss_*."""
+    def evaluate(self, fixed: dict[str, torch.Tensor] | None) -> None:
+        """One evaluation; every process calls it. `--eval_metrics` of the saved (EMA) weights, each process on its
+        share (`periodic_eval`); on the main process also the loss of the raw (and EMA) weights on the `fixed`
+        batch. The main process logs it all, with the seconds spent, as eval/* (tracker, console, eval_history)."""
+        started = time.perf_counter()
+        self.last_eval_step = self.global_step
         models = {"raw": self.raw} if self.ema is None else {"ema": self.export_unet(), "raw": self.raw}
-        logs = {}
-        for name, unet in models.items():
-            was_training = unet.training
-            unet.eval()
-            x0, noise, t = (batch[k].to(self.device) for k in ("x0", "noise", "t"))
-            logs[f"eval/loss_{name}"] = float(self._forward_loss(x0, noise, t, unet).loss.mean())
-            unet.train(was_training)
-        self.eval_loss = logs[f"eval/loss_{next(iter(models))}"]
+        modes = {name: unet.training for name, unet in models.items()}
+        logs: dict[str, float] = {}
+        try:
+            for unet in models.values():
+                unet.eval()
+            if fixed is not None:
+                x0, noise, t = (fixed[k].to(self.device) for k in ("x0", "noise", "t"))
+                for name, unet in models.items():
+                    logs[f"eval/loss_{name}"] = float(self._forward_loss(x0, noise, t, unet).loss.mean())
+            if self.setup.evaluator is not None:
+                pipe = HFDDPMPipeline(unet=next(iter(models.values())), scheduler=self.noise_scheduler)
+                pipe.set_progress_bar_config(disable=True)
+                logs.update(eval_logs(self.setup.evaluator(pipe)))
+        finally:
+            for name, unet in models.items():
+                unet.train(modes[name])
+        if not self.accelerator.is_main_process:
+            return
+        logs["eval/seconds"] = round(time.perf_counter() - started, 2)
+        self.eval_loss = logs.get(f"eval/loss_{next(iter(models))}", self.eval_loss)
         self.eval_history.append({"step": self.global_step, **logs})
         self.accelerator.log(logs, step=self.global_step)
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in logs.items() if k != "eval/seconds")
+        logger.info("evaluation at step %d took %.1f s: %s", self.global_step, logs["eval/seconds"], shown)
 
     @torch.no_grad()
     def _check_processes_agree(self) -> None:
@@ -380,6 +449,26 @@ class _Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
+    def _epochs(self) -> Iterable[int]:
+        """The epochs to train, from the one a resumed run stopped in; a stream's without end (the loop stops at
+        --max_train_steps)."""
+        if self.stream is not None:
+            return self.stream.epochs()
+        return range(self.global_step // self.steps_per_epoch, self.num_epochs)
+
+    def _epoch_batches(self, epoch: int) -> Iterable[dict[str, Any]]:
+        """The batches of `epoch` to train on: in the epoch a resumed run starts in, those after its checkpoint."""
+        if self.stream is not None:
+            return self.stream.epoch_batches(epoch)
+        set_epoch(self.setup.dataset, epoch)
+        self.loader.set_epoch(epoch)
+        # Each earlier epoch made exactly steps_per_epoch steps (accelerate closes the last accumulation window at the
+        # end of the data), so steps beyond those are this epoch's part that the resumed checkpoint trained on.
+        done = self.global_step - epoch * self.steps_per_epoch
+        if done:
+            return self.accelerator.skip_first_batches(self.loader, done * self.args.gradient_accumulation_steps)
+        return self.loader
+
     def run(self) -> TrainResult:
         args, accelerator, main = self.args, self.accelerator, self.accelerator.is_main_process
         if main and args.push_to_hub:
@@ -389,11 +478,11 @@ class _Trainer:
         fixed = None
         if main and args.eval_steps:
             fixed = eval_batch(self.setup.dataset, self.diffusion.num_timesteps, args.seed)
+        self.last_eval_step = self.eval_history[-1]["step"] if self.eval_history else -1  # alike on every process
         self.start_time = time.perf_counter()
-        if main and fixed is not None and self.global_step == 0:
+        if args.eval_steps and self.global_step == 0:
             self._side_work(self.evaluate, fixed)
 
-        first_epoch, skip_steps = divmod(self.global_step, self.steps_per_epoch)
         progress = tqdm(
             total=self.max_steps,
             initial=self.global_step,
@@ -406,15 +495,10 @@ class _Trainer:
         saved_step = self.global_step if self.setup.checkpoint is not None else -1
         self._window_finite, window_losses = True, []
         self.model.train()
-        for epoch in range(first_epoch, self.num_epochs):
+        for epoch in self._epochs():
             if self.global_step >= self.max_steps:
                 break
-            set_epoch(self.setup.dataset, epoch)
-            self.loader.set_epoch(epoch)
-            batches = self.loader
-            if epoch == first_epoch and skip_steps:
-                batches = accelerator.skip_first_batches(self.loader, skip_steps * args.gradient_accumulation_steps)
-            for batch in batches:
+            for batch in self._epoch_batches(epoch):
                 if self.skipped.update(batch):
                     logger.warning("%d unreadable images skipped so far", self.skipped.count)
                 window_losses.append(self._micro_step(batch))
@@ -450,13 +534,14 @@ class _Trainer:
                     progress.set_postfix(
                         loss=f"{sum(self.losses) / len(self.losses):.4f}", lr=f"{lr:.2e}", refresh=False
                     )
+                # Evaluation first (every process: it gathers), so that a checkpoint of this step includes it.
+                if args.eval_steps and self.global_step % args.eval_steps == 0:
+                    self._side_work(self.evaluate, fixed)
                 if nonfinite == 0 and args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
                     self._side_work(self.save, True)
                     saved_step = self.global_step
                 if main and args.save_images_steps and self.global_step % args.save_images_steps == 0:
                     self._side_work(self.log_grids)
-                if main and fixed is not None and self.global_step % args.eval_steps == 0:
-                    self._side_work(self.evaluate, fixed)
                 if self.global_step >= self.max_steps:
                     break
         progress.close()
@@ -464,7 +549,7 @@ class _Trainer:
         accelerator.wait_for_everyone()
         if main and self.grid_step != self.global_step:
             self._side_work(self.log_grids)
-        if main and fixed is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.global_step):
+        if args.eval_steps and self.last_eval_step != self.global_step:
             self._side_work(self.evaluate, fixed)
         # The last state is always checkpointed (when checkpointing is on), so a finished run can be extended.
         self._side_work(self.save, bool(args.checkpointing_steps) and saved_step != self.global_step, True)
@@ -495,6 +580,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         cpu=world_size > 1 and not _has_accelerator(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        dynamo_plugin=TorchDynamoPlugin(backend="no"),  # the trainer compiles (see _Trainer.__init__)
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(
             project_dir=os.fspath(output_dir), logging_dir=os.fspath(output_dir / args.logging_dir)
@@ -505,6 +591,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             f"{world_size} processes were launched, but accelerate sees {accelerator.num_processes}: each would "
             "train alone and they would overwrite each other's output. Check the `accelerate launch` flags."
         )
+    dynamo = _dynamo_kwargs(args)
+    problem = compile_problem(dynamo["backend"], accelerator.device) if dynamo is not None else None
+    if problem is not None:
+        raise TrainingInputError(f"--dynamo_backend {dynamo['backend']}: {problem}")
     try:
         setup = _setup(args, accelerator)
     except (ValueError, OSError, ImportError) as err:  # OSError covers FileNotFoundError and ConnectionError
@@ -516,6 +606,19 @@ def train(args: argparse.Namespace) -> TrainResult:
         write_run_config(output_dir, {**vars(args), "num_processes": accelerator.num_processes})
     accelerator.wait_for_everyone()
     return _Trainer(args, accelerator, setup).run()
+
+
+def _dynamo_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """torch.compile's arguments from --dynamo_backend / --dynamo_mode, else from accelerate's launch settings
+    (ACCELERATE_DYNAMO_*, read by its TorchDynamoPlugin); None when compilation is off."""
+    plugin = TorchDynamoPlugin(backend=args.dynamo_backend, mode=args.dynamo_mode)
+    backend = plugin.backend.value.lower()
+    if backend == "no":
+        return None
+    try:
+        return compile_kwargs(backend, plugin.mode, bool(plugin.fullgraph), plugin.dynamic)
+    except ValueError as err:
+        raise TrainingInputError(f"--dynamo_mode: {err}") from err
 
 
 def _has_accelerator() -> bool:

@@ -24,7 +24,8 @@ class TrainingMetrics:
     num_parameters: int
     skipped_images: int = 0
     eval_loss: float | None = None  # loss of the saved weights on the fixed evaluation batch
-    eval_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "eval/loss_ema", ...} per eval
+    # {"step", "eval/loss_ema", "eval/bpd", "eval/fid", "eval/seconds", ...} per evaluation (`--eval_steps`)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _dataset_text(args: argparse.Namespace) -> str:
@@ -46,6 +47,30 @@ def _hub_dataset(args: argparse.Namespace) -> str | None:
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _eval_rows(args: argparse.Namespace, metrics: TrainingMetrics) -> list[tuple[str, str]]:
+    """Bits/dim and FID of the last evaluation that measured them, and what the evaluations cost."""
+    from .periodic_eval import eval_features
+
+    history = metrics.eval_history
+    rows = []
+    last = next((e for e in reversed(history) if "eval/bpd" in e or "eval/fid" in e), None)
+    weights = "EMA" if args.use_ema else "raw"
+    if last is not None and "eval/bpd" in last:
+        mode = getattr(args, "eval_bpd_mode", "fast")
+        label = f"Bits/dim ({mode} variational bound, {weights} weights, first {last['eval/bpd_images']:.0f} images)"
+        rows.append((label, f"{last['eval/bpd']:.4f} ± {last['eval/bpd_stderr']:.2g} (step {last['step']:,})"))
+    if last is not None and "eval/fid" in last:
+        label = (
+            f"FID ({eval_features(args)} features, {last['eval/fid_samples']:.0f} DDIM-{args.eval_sample_steps} "
+            f"samples of the {weights} weights vs the first {last.get('eval/bpd_images', args.eval_num_samples):.0f} images)"
+        )
+        rows.append((label, f"{last['eval/fid']:.4g} (step {last['step']:,})"))
+    seconds = [e["eval/seconds"] for e in history if "eval/seconds" in e]
+    if seconds:
+        rows.append(("Evaluation time", f"{sum(seconds):.0f} s over {len(seconds)} evaluations"))
+    return rows
 
 
 def render_model_card(
@@ -89,6 +114,7 @@ def render_model_card(
         ("Optimizer steps", f"{metrics.global_step:,}"),
         ("Final training loss", _fmt(metrics.final_loss)),
         ("Evaluation loss (fixed batch)", _fmt(metrics.eval_loss)),
+        *_eval_rows(args, metrics),
         ("Training time", f"{metrics.train_seconds:.0f} s"),
         ("Throughput", f"{metrics.images_per_second:.1f} images/s"),
         ("Unreadable images skipped", str(metrics.skipped_images)),
