@@ -430,3 +430,16 @@ def test_checkpoints_hold_no_pickled_weights(tmp_path: Path) -> None:
     assert (checkpoint / "ema.safetensors").is_file() and (checkpoint / "model.safetensors").is_file()
     # accelerate always pickles the RNG states and the LR schedule's counters; no weights are among them
     assert sorted(p.name for p in checkpoint.glob("*.pkl")) == ["custom_checkpoint_0.pkl", "random_states_0.pkl"]
+
+
+def test_sharded_model_modes_are_refused_with_a_pointer_to_ddp() -> None:
+    """FSDP/DeepSpeed cannot start on a CPU-only machine (accelerate wants a GPU), so the check is called directly."""
+    from accelerate.utils import DistributedType
+
+    from hf_ddpm.training.loop import TrainingInputError, check_distributed_type
+
+    for mode in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        with pytest.raises(TrainingInputError, match=rf"{mode.value} mode is not supported.*--multi_gpu"):
+            check_distributed_type(mode)
+    for mode in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_distributed_type(mode)
