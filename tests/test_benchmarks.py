@@ -1,0 +1,54 @@
+"""The CPU benchmarks' `--quick` modes run and print their JSON line, so the scripts the README quotes keep working.
+
+They check that each script runs and that what it compares is comparable (equal weights, matching budgets); the
+figures themselves are timings or small-sample scores and are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, tmp_path: Path, *flags: str) -> dict:
+    """Run benchmarks/<name> --quick in a fresh process (its own HF cache) and return its last line as JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), "--quick", "--threads", "1", *flags],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_bench_pipeline_quick(tmp_path: Path) -> None:
+    result = run_benchmark("bench_pipeline.py", tmp_path, "--repeats", "1")
+    assert result["max_abs_image_diff"] < 1e-3  # the two pipelines compute the same images
+    for name in ("hf_ddpm", "diffusers"):
+        assert result[name]["images_per_s"] > 0 and 0 <= result[name]["outside_unet_share"] < 1
+
+
+@pytest.mark.slow
+def test_bench_training_quick(tmp_path: Path) -> None:
+    result = run_benchmark("bench_training.py", tmp_path)
+    assert result["hf_ddpm_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_quality_quick(tmp_path: Path) -> None:
+    result = run_benchmark("bench_quality.py", tmp_path)
+    assert result["floor"] > 0 and set(result["goals"]) >= {"ours / diffusers, DDPM (goal <= 0.5)"}
+    # The diffusers recipe trained for (at least) the CPU seconds ours took, and both tables are complete.
+    assert result["diffusers_run"]["cpu_seconds"] >= result["cpu_seconds"] > 0
+    for name in ("hf_ddpm", "diffusers"):
+        rows = result[name]["samplers"]
+        assert len(rows) == 5 and all(row["fid"] > 0 and 0 <= row["classes"] <= 10 for row in rows)
+        assert result[name]["bpd"] > 0
