@@ -90,6 +90,25 @@ def test_trajectory_and_callback():
     assert out.trajectory[-1].pred_original_sample.shape == (1, 1, 8, 8)
 
 
+def test_callback_sees_each_steps_prediction_of_x0_and_may_replace_the_latents():
+    """x̂_0 handed to the callback equals the trajectory's; a callback that zeroes the latents changes the result."""
+    pipe = _pipeline(DDIMPosteriorScheduler())
+    seen = []
+
+    def record(pipe, i, t, values):
+        seen.append(values["pred_original_sample"].clone())
+        return {}
+
+    call = dict(batch_size=2, num_inference_steps=4, output_type="pt", generator=torch.manual_seed(0))
+    out = pipe(**call, return_trajectory=True, callback_on_step_end=record,
+               callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"])  # fmt: skip
+    assert len(seen) == 4 and all(torch.equal(a, b.pred_original_sample) for a, b in zip(seen, out.trajectory))
+    plain = pipe(**{**call, "generator": torch.manual_seed(0)}).images
+    zeroed = pipe(**{**call, "generator": torch.manual_seed(0)},
+                  callback_on_step_end=lambda p, i, t, v: {"latents": torch.zeros_like(v["latents"])}).images  # fmt: skip
+    assert not torch.allclose(plain, zeroed)
+
+
 def test_corrector_steps_run_and_change_the_result():
     pipe = _pipeline(DDPMPosteriorScheduler())
     plain, corrected = _np(pipe), _np(pipe, corrector_steps=1)

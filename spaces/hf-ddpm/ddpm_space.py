@@ -324,13 +324,12 @@ class _Newest:
 def sample_stream(pipe: HFDDPMPipeline, settings: GenerateSettings) -> Iterator[SampleUpdate | SampleResult]:
     """Sample with `pipe`, yielding x_T first, then the newest step whenever the consumer asks, then the result.
 
-    The pipeline runs in a thread (its callback only sees x_t, so the scheduler's `step` is wrapped to keep x̂_0);
-    closing this generator stops it at the next step. The images equal `pipe(batch_size, num_inference_steps,
+    The pipeline runs in a thread and hands x_t and x̂_0 to its step-end callback; closing this generator stops it
+    at the next step. The images equal `pipe(batch_size, num_inference_steps,
     generator=torch.Generator().manual_seed(seed), ...)` with the same scheduler: x_T is drawn the way the pipeline
     draws it.
     """
     scheduler = make_scheduler(pipe.scheduler.config, settings.sampler, settings.spacing)
-    pred_x0 = _record_pred_x0(scheduler)
     runner = HFDDPMPipeline(unet=pipe.unet, scheduler=scheduler)
     runner.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -339,12 +338,13 @@ def sample_stream(pipe: HFDDPMPipeline, settings: GenerateSettings) -> Iterator[
     total = settings.steps
     yield SampleUpdate(0, total, None, latents.float().cpu(), None)
 
-    newest, stop, outcome = _Newest(), threading.Event(), {}
+    newest, stop, outcome, pred_x0 = _Newest(), threading.Event(), {}, {}
 
     def on_step_end(_pipe: HFDDPMPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         if stop.is_set():
             raise _Stopped
-        x0 = pred_x0.get("x0")
+        x0 = tensors["pred_original_sample"]
+        pred_x0["x0"] = x0 = None if x0 is None else x0.float().cpu()
         newest.put(SampleUpdate(i + 1, total, int(t), tensors["latents"].float().cpu(), x0))
         return {}
 
@@ -359,6 +359,7 @@ def sample_stream(pipe: HFDDPMPipeline, settings: GenerateSettings) -> Iterator[
                 latents=latents,
                 corrector_steps=settings.corrector_steps if settings.sampler == LANGEVIN else 0,
                 callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
             ).images
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
             outcome["error"] = err
@@ -377,22 +378,6 @@ def sample_stream(pipe: HFDDPMPipeline, settings: GenerateSettings) -> Iterator[
     finally:
         stop.set()
         worker.join()
-
-
-def _record_pred_x0(scheduler: Any) -> dict[str, torch.Tensor]:
-    """Wrap this scheduler instance's `step` to keep the newest x̂_0 (CPU) in the returned dict."""
-    step, record = scheduler.step, {}
-
-    def recording_step(*args: Any, **kwargs: Any) -> Any:
-        output = step(*args, **kwargs)
-        if output.pred_original_sample is not None:  # the pipeline asks for dataclass outputs
-            record["x0"] = output.pred_original_sample.float().cpu()
-        return output
-
-    # The pipeline inspects step's signature (does it take eta?): keep it visible through the wrapper.
-    recording_step.__wrapped__ = step
-    scheduler.step = recording_step
-    return record
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------

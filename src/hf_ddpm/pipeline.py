@@ -59,7 +59,7 @@ class HFDDPMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
     def __init__(self, unet: torch.nn.Module, scheduler: Any):
         super().__init__()
@@ -198,7 +198,9 @@ class HFDDPMPipeline(DiffusionPipeline):
             corrector_steps: Langevin corrector steps per timestep (DDPM scheduler); None uses its config.
             use_clipped_model_output: passed to DDIM schedulers.
             return_trajectory: also return x_t and x̂_0 every `trajectory_every` steps (and at the last step).
-            callback_on_step_end: `fn(pipe, i, t, {"latents": ...}) -> dict`, which may replace the latents.
+            callback_on_step_end: `fn(pipe, i, t, tensors) -> dict` after each step, which may replace the latents;
+                `tensors` holds the names in `callback_on_step_end_tensor_inputs`: "latents" (x_{t-1}) and/or
+                "pred_original_sample" (this step's x̂_0, None if the scheduler gives none).
         """
         if timesteps is not None:
             num_inference_steps = None
@@ -253,7 +255,7 @@ class HFDDPMPipeline(DiffusionPipeline):
                 )
             latents = output.prev_sample
             if callback_on_step_end is not None:
-                tensors = {"latents": latents}
+                tensors = {"latents": latents, "pred_original_sample": output.pred_original_sample}
                 values = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, i, t, values).get("latents", latents)
         images = self._postprocess(latents, output_type)
