@@ -21,6 +21,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from .components import signature_differences
+from .output import replace_path
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +77,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"global_step": step, "signature": signature, "progress": progress or {}}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():  # an earlier run's checkpoint of the same step: swap, then drop it
-            old = folder / f"{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        replace_path(tmp, final)  # an earlier run's checkpoint of the same step is swapped out, then dropped
         if total_limit is not None:
             for _, path in list_checkpoints(folder)[:-total_limit]:
                 logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)

@@ -93,8 +93,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _replace(src: Path, dst: Path) -> None:
-    """Move `src` onto `dst`; a folder is swapped through `.<name>.old` (renames only, no copying)."""
+def replace_path(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst`; a folder is swapped through `.<name>.old` (renames only, no copying), which
+    `clean_interrupted_writes` puts back if a crash falls between the two renames."""
     if dst.is_dir():
         old = dst.with_name(f".{dst.name}{_OLD}")
         shutil.rmtree(old, ignore_errors=True)
@@ -114,6 +115,6 @@ def save_pipeline(pipeline: DiffusionPipeline, output_dir: str | os.PathLike) ->
     try:
         pipeline.save_pretrained(tmp)
         for name in sorted(os.listdir(tmp), key=lambda n: (n == "model_index.json", n)):
-            _replace(tmp / name, folder / name)
+            replace_path(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
