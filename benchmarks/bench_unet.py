@@ -32,24 +32,10 @@ import time
 import torch
 from diffusers import UNet2DModel
 
-from hf_ddpm.models.unet import UNET_PRESETS, DDPMUNet
+from hf_ddpm.models.unet import GOOGLE_DDPM_CIFAR10_UNET2D, UNET_PRESETS, DDPMUNet
 
-# UNet2DModel configs equivalent to our presets (google/ddpm-cifar10-32's for the full run).
-DIFFUSERS_CONFIGS = {
-    "ddpm-cifar10": dict(
-        sample_size=32,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_eps=1e-6,
-        freq_shift=1,
-        flip_sin_to_cos=False,
-        downsample_padding=0,
-        dropout=0.1,
-    ),
-}
+# UNet2DModel configs equivalent to our presets: google/ddpm-cifar10-32's, trained as in the paper (dropout 0.1).
+DIFFUSERS_CONFIGS = {"ddpm-cifar10": {**GOOGLE_DDPM_CIFAR10_UNET2D, "dropout": 0.1}}
 
 
 def diffusers_config(preset: str) -> dict:

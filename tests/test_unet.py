@@ -6,34 +6,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from hf_ddpm.models.unet import _FROM_DIFFUSERS, DDPMUNet, DDPMUNetOutput, _rename
+from hf_ddpm.models.unet import _FROM_DIFFUSERS, GOOGLE_DDPM_CIFAR10_UNET2D, DDPMUNet, DDPMUNetOutput, _rename
 
 # A small model with every feature (attention at 8x8, downsampling, skip convs) that runs in milliseconds.
 TINY = dict(sample_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             num_groups=4, dropout=0.0)  # fmt: skip
-
-# google/ddpm-cifar10-32's UNet2DModel config (its config.json, all keys that differ from the defaults).
-CIFAR10_DIFFUSERS = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    freq_shift=1,
-    flip_sin_to_cos=False,
-    time_embedding_type="positional",
-    resnet_time_scale_shift="default",
-    downsample_padding=0,
-    act_fn="silu",
-    center_input_sample=False,
-    mid_block_scale_factor=1,
-    dropout=0.0,
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,7 +75,7 @@ def test_preset_overrides_and_unknown_name():
 
 def test_cifar10_config_matches_diffusers_parameter_count():
     with torch.device("meta"):
-        theirs = UNet2DModel(**CIFAR10_DIFFUSERS)
+        theirs = UNet2DModel(**GOOGLE_DDPM_CIFAR10_UNET2D)
     assert num_params(theirs) == 35_746_307
 
 
@@ -162,7 +139,7 @@ def test_channels_last_and_contiguous_paths_agree():
 
 def converted_pair(seed=0, **config):
     torch.manual_seed(seed)
-    theirs = UNet2DModel(**{**CIFAR10_DIFFUSERS, **config}).eval()
+    theirs = UNet2DModel(**{**GOOGLE_DDPM_CIFAR10_UNET2D, **config}).eval()
     return theirs, DDPMUNet.from_diffusers_unet(theirs)
 
 
@@ -238,7 +215,7 @@ def test_conversion_to_diffusers_from_ours():
 )  # fmt: skip
 def test_unsupported_diffusers_configs(config, message):
     with torch.device("meta"):
-        theirs = UNet2DModel(**{**CIFAR10_DIFFUSERS, **config})
+        theirs = UNet2DModel(**{**GOOGLE_DDPM_CIFAR10_UNET2D, **config})
     with pytest.raises(ValueError, match=message):
         DDPMUNet.from_diffusers_unet(theirs)
 

@@ -27,7 +27,7 @@ from ..loading import check_local_component
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
-__all__ = ["DDPMUNet", "DDPMUNetOutput", "UNET_PRESETS", "timestep_embedding"]
+__all__ = ["DDPMUNet", "DDPMUNetOutput", "GOOGLE_DDPM_CIFAR10_UNET2D", "UNET_PRESETS", "timestep_embedding"]
 
 
 # Presets. Parameter counts are exact (checked in tests/test_unet.py), for in_channels = out_channels = 3.
@@ -71,6 +71,31 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         num_groups=16,
     ),
 }
+
+
+# The `UNet2DModel` config of google/ddpm-cifar10-32 (its config.json: the keys that define the model), the diffusers
+# form of the `ddpm-cifar10` preset: `DDPMUNet.from_diffusers_unet(UNet2DModel(**GOOGLE_DDPM_CIFAR10_UNET2D))`.
+GOOGLE_DDPM_CIFAR10_UNET2D: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    freq_shift=1,
+    flip_sin_to_cos=False,
+    time_embedding_type="positional",
+    resnet_time_scale_shift="default",
+    downsample_padding=0,
+    act_fn="silu",
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    dropout=0.0,
+)
 
 
 @dataclass
