@@ -285,7 +285,7 @@ class _Trainer:
             x0 = torch.zeros(1, self.setup.channels, size, size, device=self.device)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device)
-        if self.args.channels_last:  # drawn in NCHW above (randn_like follows its input's layout), so the same noise
+        if self.channels_last:  # drawn in NCHW above (randn_like follows its input's layout), so the same noise
             x0, noise = (x.contiguous(memory_format=torch.channels_last) for x in (x0, noise))
         with self.accelerator.accumulate(self.model):
             loss = self._forward_loss(x0, noise, t, self.train_model).loss.mean() * float(real)
