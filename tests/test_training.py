@@ -233,6 +233,21 @@ def test_two_processes_with_accelerate_launch(tmp_path: Path, saved_digits: Path
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HFDDPMPipeline"
 
 
+def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, saved_digits: Path) -> None:
+    """Freed after `end_training`, DDP's Reducer would be the process group's last owner and free it holding the GIL,
+    while a gloo worker thread may need the GIL to free its last collective's tensors: under load one exit in ~6 hung
+    (CI saw it). The trainer frees the wrapper first; the probe counts wrappers alive when the group is destroyed."""
+    probe = Path(__file__).parent / "ddp_teardown_probe.py"
+    cmd = accelerate_launch(2) + [
+        str(probe),
+        *tiny_args(tmp_path / "out", "--dataset_name", str(saved_digits), steps=2),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("DDP wrappers alive at end_training: 0") == 2, log[-4000:]
+
+
 # --- the Hub ---------------------------------------------------------------------------------------------------------
 
 

@@ -557,8 +557,20 @@ class _Trainer:
         if self.skipped.count:
             logger.warning("%d unreadable images were skipped in total (each time one was drawn)", self.skipped.count)
         accelerator.wait_for_everyone()
+        self._free_ddp_wrapper()
         accelerator.end_training()
         return TrainResult(self.output_dir, self.repo_id, self.metrics())
+
+    def _free_ddp_wrapper(self) -> None:
+        """Free the DistributedDataParallel wrapper before `end_training` destroys the process group.
+
+        DDP's C++ Reducer owns a reference to the group, and pybind frees the Reducer with the GIL held. Were it the
+        last owner, the group's destructor would join gloo's worker threads while one of them may still need the GIL
+        to free the tensors of the last collectives: a deadlock at exit (one run in ~6 with 2 gloo processes on a
+        loaded machine). Freed first, the Reducer is not the last owner, and `destroy_process_group` frees the group
+        through its Python object, which releases the GIL."""
+        self.model = self.train_model = None
+        self.accelerator.free_memory()  # drops accelerate's own references to the prepared model and optimizer
 
 
 def train(args: argparse.Namespace) -> TrainResult:
