@@ -410,3 +410,83 @@ def test_random_crop_is_deterministic(tmp_path: Path) -> None:
     assert len({round(float(c[0, 0, 0]), 4) for c in crops}) > 5  # different offsets for different rows
     assert torch.equal(_stack(prepare_dataset(ds, None, 8, center_crop=False, seed=1), list(range(32))), crops)
     assert INDEX_COLUMN not in ds.column_names  # the index column lives only on the prepared copy
+
+
+# ------------------------------------------------------------------------------------- in-memory row cache
+
+
+def _transform_of(ds: datasets.Dataset):
+    return ds.format["format_kwargs"]["transform"]
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import hf_ddpm.data
+
+    calls: list[int] = []
+    decode = hf_ddpm.data.decode_image
+
+    def counting(value, decoder=None):
+        calls.append(1)
+        return decode(value, decoder)
+
+    monkeypatch.setattr(hf_ddpm.data, "decode_image", counting)
+    return calls
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_row_cache_gives_the_same_rows_and_skips_decoding(
+    digits: datasets.Dataset, monkeypatch: pytest.MonkeyPatch, random_flip: bool
+) -> None:
+    small, rows = digits.select(range(48)), list(range(48))
+    plain = prepare_dataset(small, None, 16, random_flip=random_flip, seed=3)
+    cached = prepare_dataset(small, None, 16, random_flip=random_flip, seed=3, cache_bytes=2**20)
+    calls = _count_decodes(monkeypatch)
+    for epoch in (0, 1, 0):
+        set_epoch(plain, epoch)
+        set_epoch(cached, epoch)
+        expected = _stack(plain, rows)
+        before = len(calls)
+        assert torch.equal(_stack(cached, rows), expected)  # bit for bit, flips of each epoch included
+        if epoch == 1:
+            assert len(calls) - before == 0  # the second pass decodes nothing
+    assert len(_transform_of(cached)._cache) == 48
+    assert len(_transform_of(plain)._cache) == 0  # off by default
+
+
+def test_row_cache_keeps_to_its_budget_and_hands_out_copies(digits: datasets.Dataset) -> None:
+    row_bytes = 1 * 16 * 16 * 4
+    cached = prepare_dataset(digits.select(range(20)), None, 16, cache_bytes=5 * row_bytes + 1)
+    first = _stack(cached, list(range(20)))
+    transform = _transform_of(cached)
+    assert len(transform._cache) == 5 and transform._cached_bytes == 5 * row_bytes
+    cached[0]["pixel_values"].fill_(7.0)  # a caller writing to its row must not reach the cache
+    assert torch.equal(cached[0]["pixel_values"], first[0])
+
+
+def test_row_cache_holds_only_fixed_crops() -> None:
+    square = Image.fromarray(np.full((8, 8), 100, dtype=np.uint8))
+    wide = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (8, 1)))
+    features = datasets.Features({"image": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"image": [square, wide] * 4}, features=features)
+    random_crops = prepare_dataset(ds, None, 8, center_crop=False, seed=1, cache_bytes=2**20)
+    first = _stack(random_crops, list(range(8)))
+    assert sorted(_transform_of(random_crops)._cache) == [0, 2, 4, 6]  # the square images: any crop is the whole
+    set_epoch(random_crops, 1)
+    second = _stack(random_crops, list(range(8)))
+    assert torch.equal(second[0::2], first[0::2]) and not torch.equal(second[1::2], first[1::2])
+
+
+def test_row_cache_is_not_copied_and_bad_settings_are_refused(digits: datasets.Dataset) -> None:
+    import copy
+    import pickle
+
+    cached = prepare_dataset(digits.select(range(4)), None, 8, cache_bytes=2**20)
+    _stack(cached, [0, 1, 2, 3])
+    transform = _transform_of(cached)
+    assert len(transform._cache) == 4
+    for clone in (pickle.loads(pickle.dumps(transform)), copy.deepcopy(transform)):
+        assert clone._cache == {} and clone._cached_bytes == 0 and clone.cache_bytes == 2**20
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0, got -1"):
+        prepare_dataset(digits, None, 8, cache_bytes=-1)
+    with pytest.raises(ValueError, match="needs a map-style Dataset"):
+        prepare_dataset(digits.to_iterable_dataset(), None, 8, cache_bytes=1024)

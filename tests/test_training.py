@@ -403,6 +403,21 @@ def test_help_documents_every_flag_with_its_default() -> None:
         assert "(default:" in action.help, action.option_strings
 
 
+def test_image_cache_changes_nothing_but_speed(tmp_path: Path, saved_digits: Path) -> None:
+    """On by default (no workers, map-style data): a run over two epochs with random flips ends with the same
+    weights bit for bit as one with `--cache_images_mb 0`; a negative budget is refused naming the flag."""
+    flags = ["--dataset_name", str(saved_digits), "--random_flip", "--no-use_ema"]
+    weights = {}
+    for mb in ("1", "0"):
+        run_train(tmp_path / mb, *flags, "--cache_images_mb", mb, steps=8)  # 5 batches an epoch
+        weights[mb] = load_file(tmp_path / mb / "unet" / "diffusion_pytorch_model.safetensors")
+    assert weights["1"].keys() == weights["0"].keys()
+    assert all(torch.equal(weights["1"][k], weights["0"][k]) for k in weights["0"])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(tiny_args(tmp_path / "bad", "--cache_images_mb", "-1"))
+    assert exit_info.value.code == 2
+
+
 def test_presets_are_defaults_that_flags_override() -> None:
     cifar = parse_args(["--preset", "ddpm-cifar10", "--learning_rate", "1e-4"])
     assert (cifar.learning_rate, cifar.lr_warmup_steps, cifar.train_batch_size, cifar.dropout) == (

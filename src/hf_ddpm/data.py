@@ -35,6 +35,9 @@ Decisions, in one place:
   map-style path does. Call `set_epoch(ds, epoch)` at the start of every epoch (with `persistent_workers=False`, so
   workers pick up the new epoch). Each row always draws the same three numbers (crop top, crop left, flip) so
   switching one augmentation on or off does not change the others.
+* Caching: `prepare_dataset(..., cache_bytes=N)` keeps transformed rows (before the flip) in memory when the crop
+  cannot vary (center crop, or an image that is already square), so later epochs skip decoding and resizing while
+  giving the same tensors; the trainer turns it on (`--cache_images_mb`) when it reads without DataLoader workers.
 * Streaming (`load_image_dataset(streaming=True)`, then `shard_stream`): Hub ids and image folders stream through
   `datasets.load_dataset(..., streaming=True)` (one shard per data file); a saved folder or the digits becomes
   `Dataset.to_iterable_dataset` with up to `STREAM_SHARDS` shards, so that shards can be spread over processes and
@@ -49,7 +52,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
@@ -467,13 +470,25 @@ class ImageTransform:
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         """`rng` draws the crop and flip; None draws from fresh OS entropy (not reproducible)."""
-        channels = self.channels or image_channels(image)
         u = (rng or np.random.default_rng()).random(3)  # always 3 draws: crop top, crop left, flip
+        return self.flipped(self.cropped(image, u[0], u[1])[0], u[2])
+
+    @property
+    def is_random(self) -> bool:
+        """Whether any draw can change an output (a random crop or flip is on)."""
+        return self.random_flip or not self.center_crop
+
+    def cropped(self, image: PIL.Image.Image, u_top: float, u_left: float) -> tuple[torch.Tensor, bool]:
+        """Resized and cropped, not yet flipped: `[C, resolution, resolution]`, and whether the crop was the
+        same for any `(u_top, u_left)` (a center crop, or an image already square), so that it may be reused."""
+        channels = self.channels or image_channels(image)
         work = self._resize(_to_working_image(image, channels))
-        work = self._crop(work, u[0], u[1])
-        if self.random_flip and u[2] < 0.5:
-            work = work.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_tensor(work, channels)
+        fixed = self.center_crop or work.size == (self.resolution, self.resolution)
+        return _to_tensor(self._crop(work, u_top, u_left), channels), fixed
+
+    def flipped(self, pixels: torch.Tensor, u_flip: float) -> torch.Tensor:
+        """`pixels` mirrored left-right when flips are on and `u_flip < 0.5` (a new tensor), else `pixels`."""
+        return pixels.flip(-1) if self.random_flip and u_flip < 0.5 else pixels
 
     def _resize(self, image: PIL.Image.Image) -> PIL.Image.Image:
         """Shorter side -> resolution."""
@@ -543,6 +558,12 @@ class BatchTransform:
     `label` when the data has one. Used by `Dataset.set_transform` and by `IterableDataset.map`.
 
     Per-row randomness comes from `default_rng((seed, epoch, index))` (see the module docstring).
+
+    `cache_bytes > 0` keeps rows' resized and cropped tensors (before the flip) in memory, up to that many bytes,
+    when their crop is fixed (`ImageTransform.cropped`): later epochs then skip decoding and resizing, and produce
+    the same tensors bit for bit. Rows must be keyed by identity (the index column of a map-style dataset), and the
+    cache lives in this object, so it only pays off in the process that keeps it (no DataLoader workers, which get
+    a copy per epoch). Copies and pickles of the transform start with an empty cache.
     """
 
     transform: ImageTransform
@@ -551,6 +572,9 @@ class BatchTransform:
     label_column: str | None = None
     seed: int = 0
     epoch: int = 0
+    cache_bytes: int = 0
+    _cache: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cached_bytes: int = field(default=0, init=False, repr=False, compare=False)
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         if indices is None:
@@ -565,14 +589,30 @@ class BatchTransform:
         """The generator for row `index` in the current epoch."""
         return np.random.default_rng((self.seed, self.epoch, index))
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached_bytes"] = {}, 0
+        return state
+
     def _row(self, value: Any, index: int) -> torch.Tensor | None:
         """One image, or None (logged) when it cannot be read."""
-        try:
-            image = decode_image(value, self.decoder)
-        except Exception as err:  # corrupt files raise OSError, SyntaxError, ValueError, zlib errors...
-            logger.warning("skipping unreadable image %s (row %d): %s", _describe(value), index, err)
-            return None
-        return self.transform(image, self.rng(index))
+        # The generator is only built when a draw can matter: building it costs more than a cached row.
+        u = self.rng(index).random(3) if self.transform.is_random else np.zeros(3)
+        pixels = self._cache.get(index)
+        if pixels is None:
+            try:
+                image = decode_image(value, self.decoder)
+            except Exception as err:  # corrupt files raise OSError, SyntaxError, ValueError, zlib errors...
+                logger.warning("skipping unreadable image %s (row %d): %s", _describe(value), index, err)
+                return None
+            pixels, fixed = self.transform.cropped(image, u[0], u[1])
+            size = pixels.numel() * pixels.element_size()
+            if fixed and self._cached_bytes + size <= self.cache_bytes:
+                self._cache[index] = pixels
+                self._cached_bytes += size
+        out = self.transform.flipped(pixels, u[2])
+        # The caller may write to what it gets: a cached tensor is handed out as a copy.
+        return out.clone() if out is self._cache.get(index) else out
 
 
 def _describe(value: Any) -> str:
@@ -593,6 +633,7 @@ def prepare_dataset(
     *,
     interpolation: str | PIL.Image.Resampling = "bilinear",
     epoch: int = 0,
+    cache_bytes: int = 0,
 ) -> AnyDataset:
     """The training view of `ds`: rows `{"pixel_values": float32 [C, resolution, resolution] in [-1, 1] or None,
     "label": int (if labelled)}`; the input dataset is left untouched.
@@ -600,10 +641,17 @@ def prepare_dataset(
     `channels=None` follows the data (`infer_channels`). A `Dataset` gets the transform through
     `set_transform` (lazy, per fetched batch) after an index column is added for per-row seeding; an
     `IterableDataset` gets it through `.map` with stream indices. Use `set_epoch` every epoch and `collate_fn`
-    in the DataLoader.
+    in the DataLoader. `cache_bytes` (a `Dataset` only) keeps up to that many bytes of transformed rows in memory
+    for later epochs (see `BatchTransform`).
     """
     if seed < 0 or epoch < 0:
         raise ValueError("seed and epoch must be non-negative")
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+    if cache_bytes and not isinstance(ds, datasets.Dataset):
+        raise ValueError(
+            f"cache_bytes={cache_bytes} needs a map-style Dataset: a stream's rows are not revisited by index"
+        )
     column = find_image_column(ds, image_column)
     if channels is None:
         channels = infer_channels(ds, column)
@@ -614,6 +662,7 @@ def prepare_dataset(
         label_column=_find_label_column(ds),
         seed=seed,
         epoch=epoch,
+        cache_bytes=cache_bytes,
     )
     raw = _undecoded(ds, column)
     if isinstance(raw, datasets.Dataset):

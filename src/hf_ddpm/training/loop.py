@@ -127,9 +127,12 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
     if args.streaming:
         rank, world_size = accelerator.process_index, accelerator.num_processes
         part = shard_stream(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
+    # Workers get a fresh copy of the transform each epoch (they are not persistent, see `set_epoch`): no cache there.
+    cache_mb = args.cache_images_mb if not args.streaming and args.dataloader_num_workers == 0 else 0
     dataset = prepare_dataset(
-        part, column, args.resolution, args.center_crop, args.random_flip, channels, seed=args.seed
-    )
+        part, column, args.resolution, args.center_crop, args.random_flip, channels, seed=args.seed,
+        cache_bytes=cache_mb * 2**20,
+    )  # fmt: skip
     set_seed(args.seed)  # the same initial weights on every process
     unet = build_unet(args, channels)
     noise_scheduler = build_noise_scheduler(args)
@@ -205,6 +208,8 @@ class _Trainer:
         unet.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.model, self.optimizer, self.loader = accelerator.prepare(unet, optimizer, loader)
         self.raw = accelerator.unwrap_model(self.model)
+        # Listed once: walking the module tree for them costs ~1 ms a step on a small model (clipping, EMA).
+        self.parameters = list(self.raw.parameters())
         # --dynamo_backend: a compiled wrapper (over the DDP module, as accelerate would compile it) for the training
         # forward only. accelerate's own compile would put it in its model list, and `save_state` would then write
         # `_orig_mod.`-prefixed weights that an uncompiled run cannot resume; sampling and evaluation at other batch
@@ -297,7 +302,7 @@ class _Trainer:
             if self.accelerator.sync_gradients:
                 if self._window_finite:
                     if self.args.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+                        self.accelerator.clip_grad_norm_(self.parameters, self.args.max_grad_norm)
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.images_seen += x0.shape[0] * real * self.accelerator.num_processes
@@ -510,7 +515,7 @@ class _Trainer:
                 if self._window_finite:
                     nonfinite = 0
                     if self.ema is not None:
-                        self.ema.step(self.raw.parameters())
+                        self.ema.step(self.parameters)
                     self.losses.append(step_loss)
                 else:
                     nonfinite += 1
@@ -557,7 +562,8 @@ class _Trainer:
         if self.skipped.count:
             logger.warning("%d unreadable images were skipped in total (each time one was drawn)", self.skipped.count)
         accelerator.wait_for_everyone()
-        self._free_ddp_wrapper()
+        if accelerator.num_processes > 1:
+            self._side_work(self._free_ddp_wrapper)
         accelerator.end_training()
         return TrainResult(self.output_dir, self.repo_id, self.metrics())
 
