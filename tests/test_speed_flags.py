@@ -264,39 +264,3 @@ def test_gpu_benchmark_smoke_run(tmp_path: Path) -> None:
     assert len(record["sample_seconds"]) == 5 and set(record["tf32"]) >= {"cudnn_conv", "matmul"}
     text = "\n".join(lines[:-1])
     assert "training steps/s, batch 4" in text and "sampling 4 images, seconds" in text and "# TF32:" in text
-
-
-# --- subnormal floats ------------------------------------------------------------------------------------------------
-
-
-def test_flushing_denormals_is_scoped_and_restores_the_previous_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hf_ddpm.training.denormals import flushes_denormals, flushing_denormals
-
-    subnormal = torch.tensor([1e-39, 1.0])  # 1e-39 lies below float32's smallest normal number, 1.2e-38
-    assert not flushes_denormals() and (subnormal * 1.0)[0] > 0
-    with flushing_denormals() as active:
-        assert active and flushes_denormals()
-        assert (subnormal * 1.0).tolist() == [0.0, 1.0]  # only the subnormal changes
-    assert not flushes_denormals()
-    with flushing_denormals(enabled=False) as active:
-        assert not active and not flushes_denormals()
-    torch.set_flush_denormal(True)  # a caller that had it on keeps it on
-    try:
-        with flushing_denormals(enabled=False):
-            assert flushes_denormals()
-        assert flushes_denormals()
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def test_trainer_flushes_denormals_only_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hf_ddpm.training import loop
-    from hf_ddpm.training.denormals import flushes_denormals
-
-    seen = []
-    run = loop._Trainer.run
-    monkeypatch.setattr(loop._Trainer, "run", lambda self: (seen.append(flushes_denormals()), run(self))[1])
-    for flag in ("--flush_denormal", "--no-flush_denormal"):
-        train(parse_args(tiny_args(tmp_path / flag, flag)))
-        assert not flushes_denormals()
-    assert seen == [True, False]

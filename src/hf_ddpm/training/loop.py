@@ -63,7 +63,6 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .components import build_noise_scheduler, build_unet, run_signature
-from .denormals import flushing_denormals
 from .ema_state import register_ema_checkpointing
 from .hub import create_hub_repo, push_folder
 from .model_card import TrainingMetrics, render_model_card, write_model_card
@@ -625,8 +624,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         remove_partial_checkpoints(output_dir)
         write_run_config(output_dir, {**vars(args), "num_processes": accelerator.num_processes})
     accelerator.wait_for_everyone()
-    with flushing_denormals(args.flush_denormal):
-        return _Trainer(args, accelerator, setup).run()
+    return _Trainer(args, accelerator, setup).run()
 
 
 def _dynamo_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
