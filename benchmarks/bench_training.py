@@ -3,8 +3,7 @@
 * hf_ddpm: `hf_ddpm.training.train` itself (DDPMUNet `tiny-16`, DDPMPosteriorScheduler, `losses.py`, AdamW with
   gradient clipping, EMA, accelerate); its images/s excludes startup, saving and sampling.
 * diffusers: the training loop of examples/unconditional_image_generation/train_unconditional.py, reproduced
-  step for step in diffusers_recipe.py, timed over the same number of steps; once as that script runs, once with
-  subnormal floats flushed to zero (which hf_ddpm's trainer does, `--flush_denormal`) to show that setting's share.
+  step for step in diffusers_recipe.py, timed over the same number of steps.
 
 Same data (the built-in digits through `hf_ddpm.data`, 16x16, batch 16), same architecture (`UNet2DModel` built
 by `DDPMUNet.to_diffusers_unet`, so the parameter counts are equal), one process, the same thread count.
@@ -12,13 +11,14 @@ Runs alternate and the best of `--repeats` is reported, which damps the noise of
 600 steps are 5.3 epochs of the digits: a long run's steady state, where the first epoch (which fills hf_ddpm's
 image cache, `--cache_images_mb`) no longer dominates; `--steps 200` shows a short run.
 
-    python benchmarks/bench_training.py [--steps 600] [--repeats 2] [--threads N] [--quick]
+    python benchmarks/bench_training.py [--steps 600] [--repeats 2] [--threads N] [--hf_ddpm_flags '...'] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 
 import torch
@@ -27,18 +27,18 @@ from diffusers_recipe import train_unconditional_recipe
 from hf_ddpm import DDPMUNet
 from hf_ddpm.data import digits_dataset, prepare_dataset
 from hf_ddpm.training import parse_args, train
-from hf_ddpm.training.denormals import flushing_denormals
 
 RESOLUTION, BATCH = 16, 16
 
 
-def run_hf_ddpm(steps: int) -> float:
+def run_hf_ddpm(steps: int, extra_flags: list[str]) -> float:
     """images/s of hf_ddpm's trainer with the digits preset at batch 16 (EMA on, grad clipping on)."""
     with tempfile.TemporaryDirectory() as out:
         flags = [
             "--preset", "digits", "--unet_preset", "tiny-16", "--output_dir", out, "--train_batch_size", str(BATCH),
             "--resolution", str(RESOLUTION), "--max_train_steps", str(steps), "--logger", "none",
             "--checkpointing_steps", "0", "--save_images_steps", "0", "--eval_steps", "0", "--sample_steps", "1",
+            *extra_flags,
         ]  # fmt: skip
         return train(parse_args(flags)).metrics.images_per_second
 
@@ -59,33 +59,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each, best kept (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="20 steps, one repeat: checks that it runs")
+    parser.add_argument("--hf_ddpm_flags", default="", help="more train.py flags for hf_ddpm's runs, e.g. '--cache_images_mb 0'")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 20, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     params = sum(p.numel() for p in DDPMUNet.from_preset("tiny-16", in_channels=1, out_channels=1).parameters())
-    ours, theirs, theirs_flushed = [], [], []
+    ours, theirs = [], []
     for _ in range(args.repeats):
-        ours.append(run_hf_ddpm(args.steps))  # the trainer flushes subnormals itself (--flush_denormal)
+        ours.append(run_hf_ddpm(args.steps, shlex.split(args.hf_ddpm_flags)))
         theirs.append(run_diffusers_loop(args.steps))
-        with flushing_denormals():  # for reference: what diffusers' loop gets from that CPU setting alone
-            theirs_flushed.append(run_diffusers_loop(args.steps))
     result = {
         "hf_ddpm_images_per_s": max(ours),
         "diffusers_images_per_s": max(theirs),
         "ratio": max(ours) / max(theirs),
-        "diffusers_flush_denormal_images_per_s": max(theirs_flushed),
-        "ratio_to_diffusers_flush_denormal": max(ours) / max(theirs_flushed),
     }
     print(
         f"\ntraining throughput: digits {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {args.steps} steps, 1 process, "
+        f"hf_ddpm flags {args.hf_ddpm_flags or '(none)'}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats}; U-Nets of {params:,} parameters\n"
-        f"  hf_ddpm trainer (DDPMUNet tiny-16)                 {result['hf_ddpm_images_per_s']:8.1f} images/s\n"
-        f"  diffusers train_unconditional loop (UNet2DModel)   {result['diffusers_images_per_s']:8.1f} images/s\n"
-        f"  ratio hf_ddpm / diffusers                          {result['ratio']:8.2f}\n"
-        f"  diffusers loop with subnormals flushed (reference) {result['diffusers_flush_denormal_images_per_s']:8.1f}"
-        f" images/s (ratio {result['ratio_to_diffusers_flush_denormal']:.2f})\n"
+        f"  hf_ddpm trainer (DDPMUNet tiny-16)               {result['hf_ddpm_images_per_s']:8.1f} images/s\n"
+        f"  diffusers train_unconditional loop (UNet2DModel) {result['diffusers_images_per_s']:8.1f} images/s\n"
+        f"  ratio hf_ddpm / diffusers                        {result['ratio']:8.2f}\n"
         f"{json.dumps(result)}"
     )
 

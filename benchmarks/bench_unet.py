@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_unet.py            # the paper's CIFAR-10 model (35.7M), a few minutes
     .venv/bin/python benchmarks/bench_unet.py --quick    # the tiny-16 preset, seconds
+    .venv/bin/python benchmarks/bench_unet.py --preset tiny-16 --batch 16 --no-memory   # the digits trainer's U-Net
 
 On a machine shared with other jobs, 2-thread OpenMP runs slow down erratically (a thread waits at every barrier for
 its descheduled sibling); `--threads 1` then gives steadier ratios. The header prints the load average.
@@ -112,6 +113,8 @@ def memory(impl: str, preset: str, kind: str, batch: int, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny-16 preset, small batches")
+    parser.add_argument("--preset", choices=sorted(UNET_PRESETS), default=None, help="U-Net preset (default: ddpm-cifar10; tiny-16 with --quick)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=None, help="the larger batch of the table (default: 16; 4 with --quick)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-measurement subprocesses")
@@ -124,9 +127,9 @@ def main() -> None:
         child(*json.loads(args._child))
         return
 
-    preset = "tiny-16" if args.quick else "ddpm-cifar10"
+    preset = args.preset or ("tiny-16" if args.quick else "ddpm-cifar10")
     size = UNET_PRESETS[preset]["sample_size"]
-    big = 4 if args.quick else 16
+    big = args.batch or (4 if args.quick else 16)
     repeats = args.repeats or (5 if args.quick else 7)
     print(f"# bench_unet: {preset} ({size}x{size}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip

@@ -42,6 +42,18 @@ def test_bench_training_quick(tmp_path: Path) -> None:
     assert result["hf_ddpm_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0
 
 
+def test_bench_data_quick(tmp_path: Path) -> None:
+    result = run_benchmark("bench_data.py", tmp_path)
+    assert [len(result["ms_per_batch"][k]) for k in ("no cache", "cache")] == [2, 2]
+    assert result["speedup_after_first_epoch"] > 0
+
+
+def test_bench_bf16_conv_quick(tmp_path: Path) -> None:
+    result = run_benchmark("bench_bf16_conv.py", tmp_path)
+    assert [(r["format"], r["channels"], r["size"]) for r in result["rows"]] == [("NCHW", 256, 4), ("NHWC", 256, 4)]
+    assert all(r["fp32_ms"] > 0 and r["bf16_ms"] > 0 for r in result["rows"])
+
+
 @pytest.mark.slow
 def test_bench_quality_quick(tmp_path: Path) -> None:
     result = run_benchmark("bench_quality.py", tmp_path)
