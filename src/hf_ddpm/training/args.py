@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--center_crop", action=flag, help="Center crop (else random crop) after resizing the shorter side.")
     add("--random_flip", action=flag, help="Random horizontal flips.")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: the main process).")
-    add("--cache_images_mb", type=int, default=1024, help="With no DataLoader workers and no --streaming: keep up to this many MiB of decoded, resized images in memory so later epochs skip decoding (same tensors; center crop or square images only); 0: off.")  # fmt: skip
+    add("--cache_images_mb", type=int, default=1024, help="With no DataLoader workers and no --streaming: keep up to this many MiB of decoded, resized images in memory (per process) so later epochs skip decoding (same tensors; center crop or square images only); 0: off.")  # fmt: skip
     add("--streaming", action="store_true", default=False, help="Read the dataset as a stream (a `datasets` IterableDataset: nothing downloaded or converted up front), each process its own shards; needs --max_train_steps. Resumable: a checkpoint stores each process's place in the stream.")  # fmt: skip
     add("--shuffle_buffer_size", type=int, default=1000, help="With --streaming: rows in the shuffle buffer (the shard order is shuffled too).")  # fmt: skip
 
