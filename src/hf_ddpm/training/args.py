@@ -18,6 +18,7 @@ from ..compilation import DYNAMO_BACKENDS, DYNAMO_MODES
 from ..diffusion import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..losses import LOSS_TYPES, check_loss_config
 from ..models.unet import UNET_PRESETS
+from ..schedulers.base import TIMESTEP_SPACINGS
 from ..schedules import make_betas
 from .periodic_eval import validate_eval_args
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, help="min-SNR-γ weighting of L_simple (5 in the paper); 0 or None: off.")
     add("--ddpm_num_steps", type=int, help="Diffusion steps T.")
     add("--ddpm_beta_schedule", help="β schedule (linear, scaled_linear, squaredcos_cap_v2, sigmoid, ...).")
+    add("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="trailing", help="How the saved pipeline spaces fewer sampling steps than T (its scheduler config; training uses all T). trailing starts at t = T-1, from pure noise; leading (diffusers' default) starts at T - T/steps, where the cosine schedule still leaves signal, and few-step DDIM suffers (Lin et al. 2023).")  # fmt: skip
 
     group = parser.add_argument_group("data")
     add("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder or an image folder; none: the built-in digits.")  # fmt: skip

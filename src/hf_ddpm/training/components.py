@@ -47,12 +47,14 @@ def build_unet(args: argparse.Namespace, channels: int) -> DDPMUNet:
 
 
 def build_noise_scheduler(args: argparse.Namespace) -> DDPMPosteriorScheduler:
-    """The training process (and the scheduler saved in the pipeline): β schedule, T, prediction/variance type."""
+    """The training process (and the scheduler saved in the pipeline): β schedule, T, prediction/variance type,
+    and the spacing of sampling steps (which training does not use)."""
     return DDPMPosteriorScheduler(
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
         variance_type=args.variance_type,
+        timestep_spacing=args.timestep_spacing,
     )
 
 
