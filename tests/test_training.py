@@ -419,18 +419,18 @@ def test_image_cache_changes_nothing_but_speed(tmp_path: Path, saved_digits: Pat
     assert exit_info.value.code == 2
 
 
-def test_saved_scheduler_spaces_sampling_steps_trailing_unless_told(tmp_path: Path, capsys) -> None:
-    """Few-step sampling of the saved pipeline starts at t = T-1 (trailing); the flag picks another spacing."""
+def test_saved_scheduler_spacing_follows_the_flag(tmp_path: Path, capsys) -> None:
+    """The saved pipeline spaces few sampling steps as `--timestep_spacing` says (leading by default, as diffusers)."""
     from hf_ddpm.training.components import build_noise_scheduler
 
-    run_train(tmp_path / "out", steps=2)
+    run_train(tmp_path / "out", "--timestep_spacing", "trailing", steps=2)
     saved = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["timestep_spacing"] == "trailing"
     pipe = HFDDPMPipeline.from_pretrained(tmp_path / "out")
     pipe.scheduler.set_timesteps(20)
     assert pipe.scheduler.timesteps[0] == 999 and pipe.scheduler.timesteps[-1] == 49
-    leading = build_noise_scheduler(parse_args(tiny_args(tmp_path / "b", "--timestep_spacing", "leading")))
-    assert leading.config.timestep_spacing == "leading"
+    default = build_noise_scheduler(parse_args(tiny_args(tmp_path / "b")))
+    assert default.config.timestep_spacing == "leading"
     with pytest.raises(SystemExit) as exit_info:
         parse_args(tiny_args(tmp_path / "c", "--timestep_spacing", "quadratic"))
     assert exit_info.value.code == 2 and "invalid choice: 'quadratic'" in capsys.readouterr().err
