@@ -58,6 +58,10 @@ def test_bench_bf16_conv_quick(tmp_path: Path) -> None:
 def test_bench_quality_quick(tmp_path: Path) -> None:
     result = run_benchmark("bench_quality.py", tmp_path)
     assert result["floor"] > 0 and set(result["goals"]) >= {"ours / diffusers, DDPM (goal <= 0.5)"}
+    ratios = {
+        f"DDIM-{n} eta={eta} / DDPM (goal <= {limit})" for n, limit in ((50, "1.10"), (20, "1.25")) for eta in (0, 1)
+    }
+    assert set(result["goals"]) >= ratios  # both etas of each step count the goals name (NaN here: --quick has 5/10)
     # The diffusers recipe trained for (at least) the CPU seconds ours took, and both tables are complete.
     assert result["diffusers_run"]["cpu_seconds"] >= result["cpu_seconds"] > 0
     for name in ("hf_ddpm", "diffusers"):

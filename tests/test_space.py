@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ sys.path.insert(0, str(SPACE_DIR))  # app.py imports its sibling ddpm_space, as 
 
 import ddpm_space as core  # noqa: E402
 
-from hf_ddpm import HFDDPMPipeline  # noqa: E402
+from hf_ddpm import DDPMUNet, HFDDPMPipeline  # noqa: E402
 from hf_ddpm.diffusion import GaussianDiffusion  # noqa: E402
 from hf_ddpm.schedules import make_betas  # noqa: E402
 
@@ -384,3 +385,20 @@ def test_deploys_to_the_hub_and_passes_its_yaml_check(hub_server, tmp_path):
     with pytest.raises(ValueError, match="lists 'gradio"):
         (folder / "requirements.txt").write_text("gradio==6.31.0\n")
         space_deploy.check_space_folder(folder)
+
+
+def test_bundled_model_is_the_digits_recipe(bundled) -> None:
+    """The bundled model is what spaces/hf-ddpm/README.md says reproduces it (`train.py --preset digits`): the same
+    U-Net config and noise process, so a change of the recipe cannot leave a stale model behind unnoticed."""
+    from hf_ddpm.training import parse_args
+    from hf_ddpm.training.components import build_noise_scheduler, unet_config
+
+    args = parse_args(["--preset", "digits"])
+    # Through JSON, as the bundle was saved: tuples in a fresh config are lists in a loaded one.
+    expected_unet = json.loads(DDPMUNet(**unet_config(args, channels=1)).to_json_string())
+    for key, value in expected_unet.items():
+        if not key.startswith("_"):
+            assert json.loads(json.dumps(bundled.unet.config[key])) == value, key
+    expected_scheduler = build_noise_scheduler(args).config
+    for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "variance_type", "timestep_spacing"):
+        assert bundled.scheduler.config[key] == expected_scheduler[key], key
