@@ -30,7 +30,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # at small t than linear does at this resolution, and min-SNR-5 (Hang et al. 2023) speeds convergence: with
     # both, digits are legible after ~600 steps where the linear schedule still gives noise. No flips: digits are
     # not mirror-symmetric. 2400 steps (not 1200) and trailing spacing bring few-step DDIM close to 1000 DDPM steps:
-    # digits-FID of DDIM-20 (η=0) / DDPM-1000 fell from 1.72x (1200 steps, leading) to 1.16x (README, bench_quality).
+    # digits-FID of DDIM-20 (η=0) / DDPM-1000 fell from 1.72x (1200 steps, leading) to 1.08x (README, bench_quality).
     "digits": dict(
         unet_preset="tiny-16",
         unet_overrides={"base_channels": 16, "channel_mult": [1, 2, 4], "num_groups": 8},
