@@ -2,7 +2,8 @@
 DDPM ancestral sampling (1000 steps), for the `make demo` model and for diffusers' `train_unconditional.py` recipe
 trained for the same CPU time — the digits analogue of Table 1 of Song et al. (DDIM).
 
-    .venv/bin/python benchmarks/bench_quality.py --threads 1        # trains both (~2x the demo's time), then samples
+    .venv/bin/python benchmarks/bench_quality.py --threads 1 --jobs 2   # trains both (~2x the demo's time), then
+                                                                        # samples them in two processes
     .venv/bin/python benchmarks/bench_quality.py --model outputs/digits-ddpm --cpu_seconds 700   # reuse a model
     .venv/bin/python benchmarks/bench_quality.py --quick            # tiny budget: checks that it runs
 
@@ -12,7 +13,10 @@ trained for the same CPU time — the digits analogue of Table 1 of Song et al. 
   EMA 0.9999) on the same data at 16x16, with a `UNet2DModel` of our U-Net's architecture and size, for the same
   process CPU seconds (`time.process_time`, so load from other jobs does not shift the budget).
 * Both are sampled by the same code (`hf_ddpm.evaluate.generate`: HFDDPMPipeline with our DDIM / DDPM schedulers
-  built from each model's own noise-schedule config), the same seed and `--num_samples` images.
+  built from each model's own noise-schedule config), the same seeds and `--num_samples` images per seed.
+* Each FID is the mean over `--seeds` sampling seeds, with its standard error: at 899 samples one seed's digits-FID
+  varies by ±10-20% between seeds (e.g. DDIM-20 η=0 of one model: 2.15, 3.20, 2.95, 1.90 at seeds 0-3), more than
+  the differences the goals are about, so a single seed cannot tell whether a goal is met.
 * digits-FID: Fréchet distance in the features of the package's digits classifier (`hf_ddpm.fid`) against half A
   of the real digits (898 images); the floor is real half B's first `--num_samples` images against the same half A,
   so the floor and the models are measured alike (FD grows as N shrinks). Classes: how many of the ten digits the
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -66,37 +72,60 @@ def train_theirs(like: torch.nn.Module, cpu_seconds: float, quick: bool) -> tupl
     return HFDDPMPipeline(unet=run.ema_model.eval(), scheduler=scheduler), info
 
 
-def sampler_table(pipe, reference: FeatureStats, extractor, num_samples: int, ddim_steps, ddpm_steps: int) -> list:
-    """[{sampler, steps, eta, fid, classes, confidence, seconds}] for DDIM η=0/1 at `ddim_steps` and DDPM."""
+def sampler_table(
+    pipe, reference: FeatureStats, extractor, num_samples: int, ddim_steps, ddpm_steps: int, seeds: int, label: str
+) -> list:
+    """[{sampler, steps, eta, fid, fid_stderr, fids, classes, confidence, seconds}] for DDIM η=0/1 at `ddim_steps`
+    and DDPM; `fid` is the mean over sampling seeds 0..seeds-1 (`num_samples` images each), `classes` the fewest
+    digits any seed's samples showed."""
     runs = [("ddim", s, eta) for eta in (0.0, 1.0) for s in ddim_steps] + [("ddpm", ddpm_steps, 0.0)]
     rows = []
     pipe.set_progress_bar_config(disable=True)
     for scheduler, steps, eta in runs:
         start = time.perf_counter()
-        images = generate(pipe, num_samples, scheduler, steps, eta, seed=0, batch_size=256)
-        features = extractor.extract(images)
-        report = extractor.report(images)
+        fids, reports = [], []
+        for seed in range(seeds):
+            images = generate(pipe, num_samples, scheduler, steps, eta, seed=seed, batch_size=256)
+            fids.append(reference.frechet_distance(FeatureStats.from_features(extractor.extract(images))))
+            reports.append(extractor.report(images))
+        mean = sum(fids) / seeds
+        stderr = (sum((f - mean) ** 2 for f in fids) / (seeds - 1) / seeds) ** 0.5 if seeds > 1 else float("nan")
         rows.append(
             {
-                "sampler": scheduler, "steps": steps, "eta": eta,
-                "fid": reference.frechet_distance(FeatureStats.from_features(features)),
-                "classes": report["classes_present"], "confidence": report["mean_confidence"],
-                "balance": report["balance"], "seconds": round(time.perf_counter() - start, 1),
+                "sampler": scheduler, "steps": steps, "eta": eta, "fid": mean, "fid_stderr": stderr, "fids": fids,
+                "classes": min(r["classes_present"] for r in reports),
+                "confidence": sum(r["mean_confidence"] for r in reports) / seeds,
+                "seconds": round(time.perf_counter() - start, 1),
             }
         )  # fmt: skip
-        print(f"  {scheduler} {steps:>4} steps eta={eta:g}: digits-FID {rows[-1]['fid']:.3f}, "
-              f"{report['classes_present']} classes, confidence {report['mean_confidence']:.3f} "
+        print(f"  {label}: {scheduler} {steps:>4} steps eta={eta:g}: digits-FID {mean:.3f} ± {stderr:.3f} "
+              f"(seeds: {', '.join(f'{f:.2f}' for f in fids)}), >= {rows[-1]['classes']} classes "
               f"({rows[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
     return rows
 
 
+def sample_model(
+    label: str, folder: str, num_samples: int, ddim_steps, ddpm_steps: int, seeds: int, threads: int | None
+) -> dict:
+    """The sampler table and bits/dim of the pipeline saved in `folder` (run in a worker process with `--jobs 2`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = HFDDPMPipeline.from_pretrained(folder)
+    extractor = DigitsClassifierExtractor()
+    reference = FeatureStats.from_features(extractor.extract(digits_halves()[0]))
+    rows = sampler_table(pipe, reference, extractor, num_samples, ddim_steps, ddpm_steps, seeds, label)
+    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    bpd = evaluate_pipeline(pipe, real_images(None, size, channels, num_samples), ["bpd"], num_samples=num_samples)
+    return {"samplers": rows, "bpd": bpd["bpd"], "bpd_stderr": bpd["bpd_stderr"]}
+
+
 def print_table(title: str, rows: list, ddim_steps) -> None:
-    fids = {(r["sampler"], r["steps"], r["eta"]): r["fid"] for r in rows}
+    fids = {(r["sampler"], r["steps"], r["eta"]): f"{r['fid']:.2f}±{r['fid_stderr']:.2f}" for r in rows}
     ddpm = next(r for r in rows if r["sampler"] == "ddpm")
-    print(f"\n{title}\n  {'sampler':<16}" + "".join(f"{s:>9}" for s in ddim_steps))
+    print(f"\n{title}\n  {'sampler':<16}" + "".join(f"{s:>12}" for s in ddim_steps))
     for eta in (0.0, 1.0):
-        print(f"  {f'DDIM eta={eta:g}':<16}" + "".join(f"{fids[('ddim', s, eta)]:>9.3f}" for s in ddim_steps))
-    print(f"  DDPM ancestral, {ddpm['steps']} steps: {ddpm['fid']:.3f}")
+        print(f"  {f'DDIM eta={eta:g}':<16}" + "".join(f"{fids[('ddim', s, eta)]:>12}" for s in ddim_steps))
+    print(f"  DDPM ancestral, {ddpm['steps']} steps: {fids[('ddpm', ddpm['steps'], 0.0)]}")
 
 
 def main() -> None:
@@ -106,40 +135,52 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=256, help="samples per sampler (default: 256)")
     parser.add_argument("--output_dir", default=None, help="where ours is trained (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per sampler, FID averaged (default: 3)")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=1, help="2: sample the two models in parallel processes (default: 1)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="30 training steps, 2 DDIM step counts, DDPM 50 steps")
     args = parser.parse_args()
     if args.model and args.cpu_seconds is None:
         parser.error("--model needs --cpu_seconds (the CPU time its training took), the diffusers recipe's budget")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     num_samples = min(args.num_samples, 32) if args.quick else args.num_samples
+    args.seeds = min(args.seeds, 2) if args.quick else args.seeds
     ddim_steps, ddpm_steps = (QUICK_DDIM_STEPS, 50) if args.quick else (DDIM_STEPS, 1000)
     print(f"# bench_quality: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            ours, cpu_seconds = HFDDPMPipeline.from_pretrained(args.model), args.cpu_seconds
+            ours_dir, cpu_seconds = args.model, args.cpu_seconds
+            ours = HFDDPMPipeline.from_pretrained(ours_dir)
         else:
-            ours, cpu_seconds = train_ours(Path(args.output_dir or tmp) / "hf-ddpm", 30 if args.quick else None)
+            ours_dir = Path(args.output_dir or tmp) / "hf-ddpm"
+            ours, cpu_seconds = train_ours(ours_dir, 30 if args.quick else None)
         print(f"# hf_ddpm: {cpu_seconds:.0f} CPU s of training; diffusers' recipe gets the same", flush=True)
         theirs, their_run = train_theirs(ours.unet, cpu_seconds, args.quick)
         print(f"# diffusers recipe: {their_run['steps']} steps of batch 16 in {their_run['cpu_seconds']:.0f} CPU s")
+        theirs_dir = Path(tmp) / "diffusers"
+        theirs.save_pretrained(theirs_dir)  # safetensors; a worker process loads it back
 
-        extractor = DigitsClassifierExtractor()
-        half_a, _ = digits_halves()
-        reference = FeatureStats.from_features(extractor.extract(half_a))
-        floor = real_vs_real_floor(extractor, num_images=num_samples)
-        size, channels = ours.unet.config.sample_size, ours.unet.config.in_channels
-        real = real_images(None, size, channels, num_samples)
-        result = {"num_samples": num_samples, "floor": floor, "cpu_seconds": cpu_seconds, "diffusers_run": their_run}
-        for name, pipe in (("hf_ddpm", ours), ("diffusers", theirs)):
-            print(f"# sampling {name}", flush=True)
-            rows = sampler_table(pipe, reference, extractor, num_samples, ddim_steps, ddpm_steps)
-            bpd = evaluate_pipeline(pipe, real, ["bpd"], num_samples=num_samples)
-            result[name] = {"samplers": rows, "bpd": bpd["bpd"], "bpd_stderr": bpd["bpd_stderr"]}
+        floor = real_vs_real_floor(DigitsClassifierExtractor(), num_images=num_samples)
+        result = {"num_samples": num_samples, "seeds": args.seeds, "floor": floor, "cpu_seconds": cpu_seconds,
+                  "diffusers_run": their_run}  # fmt: skip
+        work = {"hf_ddpm": os.fspath(ours_dir), "diffusers": os.fspath(theirs_dir)}
+        common = (num_samples, ddim_steps, ddpm_steps, args.seeds, args.threads)
+        print(f"# sampling both models, {args.seeds} seeds of {num_samples} images per sampler", flush=True)
+        if args.jobs > 1:  # one process per model: sampling is most of the run, and seeded, so this changes no figure
+            with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {name: pool.submit(sample_model, name, folder, *common) for name, folder in work.items()}
+                result.update({name: future.result() for name, future in futures.items()})
+        else:
+            result.update({name: sample_model(name, folder, *common) for name, folder in work.items()})
 
-    print(f"\ndigits-FID, {num_samples} samples each; real-vs-real floor at that size: {floor:.3f}")
+    print(
+        f"\ndigits-FID, mean ± standard error over {args.seeds} sampling seeds of {num_samples} samples; "
+        f"real-vs-real floor at that size: {floor:.3f}"
+    )
     for name in ("hf_ddpm", "diffusers"):
         title = f"{name}: bits/dim {result[name]['bpd']:.3f} ± {result[name]['bpd_stderr']:.3f}"
         print_table(title, result[name]["samplers"], ddim_steps)

@@ -56,8 +56,9 @@ def test_bench_bf16_conv_quick(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_quality_quick(tmp_path: Path) -> None:
-    result = run_benchmark("bench_quality.py", tmp_path)
-    assert result["floor"] > 0 and set(result["goals"]) >= {"ours / diffusers, DDPM (goal <= 0.5)"}
+    result = run_benchmark("bench_quality.py", tmp_path, "--jobs", "2")
+    assert result["seeds"] == 2 and result["floor"] > 0
+    assert set(result["goals"]) >= {"ours / diffusers, DDPM (goal <= 0.5)"}
     ratios = {
         f"DDIM-{n} eta={eta} / DDPM (goal <= {limit})" for n, limit in ((50, "1.10"), (20, "1.25")) for eta in (0, 1)
     }
@@ -67,4 +68,7 @@ def test_bench_quality_quick(tmp_path: Path) -> None:
     for name in ("hf_ddpm", "diffusers"):
         rows = result[name]["samplers"]
         assert len(rows) == 5 and all(row["fid"] > 0 and 0 <= row["classes"] <= 10 for row in rows)
+        # each FID is the mean of two seeds' (--quick), with its standard error
+        assert all(len(row["fids"]) == 2 and row["fid"] == pytest.approx(sum(row["fids"]) / 2) for row in rows)
+        assert all(row["fid_stderr"] >= 0 for row in rows)
         assert result[name]["bpd"] > 0
