@@ -454,7 +454,21 @@ def test_presets_are_defaults_that_flags_override() -> None:
         1000,
     )
     assert parse_args(["--no-use_ema"]).use_ema is False
+    # digits: EMA decay s / (s + 2) at step s (weights averaged ∝ step); the cap never binds within its 2400 steps
+    digits = parse_args([])
+    assert (digits.ema_inv_gamma, digits.ema_power, digits.ema_max_decay) == (2.0, 1.0, 0.9999)
+    assert (cifar.ema_inv_gamma, cifar.ema_power) == (1.0, 0.75)
+    assert parse_args(["--ema_inv_gamma", "3"]).ema_inv_gamma == 3.0
     assert parse_args(["--num_epochs", "2"]).max_train_steps is None
+
+
+@pytest.mark.parametrize("flag", ["--ema_inv_gamma", "--ema_power"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_ema_warmup_flags_must_be_positive(flag: str, value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be > 0, got {float(value)}." in capsys.readouterr().err
 
 
 # --- writing the output folder ---------------------------------------------------------------------------------------

@@ -47,8 +47,12 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
         lr_scheduler="cosine",
         lr_warmup_steps=100,
         use_ema=True,
-        ema_max_decay=0.999,
-        ema_power=0.75,
+        # EMA decay s / (s + 2) at step s: the weights averaged with weight ∝ step, i.e. EDM2's power-function EMA
+        # with exponent 1 (Karras et al. 2024), σ_rel 0.24. Post hoc, from raw snapshots of one run, it beat the
+        # 0.75-power warmup (σ_rel ~0.14) at DDIM-50 and DDIM-20 on each of 3 sampling seeds (README, EMA length).
+        ema_inv_gamma=2.0,
+        ema_power=1.0,
+        ema_max_decay=0.9999,
         checkpointing_steps=800,
         checkpoints_total_limit=2,
         save_images_steps=800,
@@ -68,6 +72,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
         lr_scheduler="constant_with_warmup",
         lr_warmup_steps=5000,
         use_ema=True,
+        ema_inv_gamma=1.0,
         ema_max_decay=0.9999,
         ema_power=0.75,
         ddpm_num_steps=1000,
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
     add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm; 0 disables clipping.")
     add("--use_ema", action=flag, help="Keep an EMA of the weights; the saved pipeline gets the EMA weights.")
-    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: decay = 1 - (1 + step / inv_gamma) ^ -power.")
+    add("--ema_inv_gamma", type=float, help="EMA warmup: decay = 1 - (1 + step / inv_gamma) ^ -power.")
     add("--ema_power", type=float, help="EMA warmup power.")
     add("--ema_max_decay", type=float, help="Maximum EMA decay.")
     add("--mixed_precision", choices=MIXED_PRECISIONS, default="no", help="Autocast dtype; the noise schedule and the loss stay in float32. fp16 needs a GPU.")  # fmt: skip
@@ -246,6 +251,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if not 0 <= args.ema_max_decay <= 1:
         raise ValueError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}.")
+    for name in ["ema_inv_gamma", "ema_power"]:  # the warmup 1 - (1 + step/inv_gamma)^-power needs both > 0
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}.")
     if args.sample_steps > args.ddpm_num_steps:
         raise ValueError(f"--sample_steps {args.sample_steps} exceeds --ddpm_num_steps {args.ddpm_num_steps}.")
     if args.shuffle_buffer_size < 1:
