@@ -181,3 +181,20 @@ def test_map_style_and_streaming_checkpoints_are_not_mixed(tmp_path: Path, index
         run_train(tmp_path / "s", *data, "--streaming", "--checkpointing_steps", "2", steps=2)
         run_train(tmp_path / "s", *data, "--streaming", "--dataloader_num_workers", "2",
                   "--resume_from_checkpoint", "latest")  # fmt: skip
+
+
+def test_a_process_with_an_empty_stream_part_stops_every_process(tmp_path: Path) -> None:
+    """One row, two processes: process 1's part of the stream is empty. Every process stops before training with
+    one clear message (none is left waiting for the other in a collective), and nothing is written."""
+    one_row = tmp_path / "one_row"
+    digits_dataset().select(range(1)).save_to_disk(str(one_row))
+    out = tmp_path / "ddp"
+    flags = ["--streaming", "--dataset_name", str(one_row)]
+    proc = subprocess.run(accelerate_launch(2) + train_cmd(out, *flags, steps=2)[1:], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    message = "process 1 of 2 got an empty part of the stream"
+    assert log.count(message) == 2, log[-4000:]  # each process says it, in the one-line form of train.py's errors
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log  # (the launcher's own may follow)
+    assert not out.exists()

@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from datasets.distributed import split_dataset_by_node
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -108,6 +109,25 @@ class _Setup:
     evaluator: Evaluator | None = None  # --eval_metrics at each --eval_steps, on every process
 
 
+def _check_stream_parts(raw: datasets.IterableDataset, accelerator: Accelerator) -> None:
+    """Raise the same ValueError on every process when any process's part of the stream has no rows (fewer rows or
+    shards than processes): that process would fail at its first batch while the others train on.
+
+    It peeks at the unshuffled split, which reads one row instead of filling a shuffle buffer; the shuffle changes
+    which rows a process gets, not how many, unless some shards are empty (StreamBatches still stops on an empty part).
+    """
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    has_rows = next(iter(split_dataset_by_node(raw, rank=rank, world_size=world_size)), None) is not None
+    found = accelerator.gather(torch.tensor([int(has_rows)], device=accelerator.device)).tolist()
+    empty = [index for index, rows in enumerate(found) if not rows]
+    if empty:
+        which = f"process {empty[0]}" if len(empty) == 1 else f"processes {empty}"
+        raise ValueError(
+            f"{which} of {len(found)} got an empty part of the stream: the dataset has fewer rows (or shards) than "
+            "there are processes. Launch fewer processes, or train without --streaming."
+        )
+
+
 def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
     """Everything that can fail because of the user's input, checked before anything is written."""
     output_dir = Path(args.output_dir)
@@ -127,6 +147,8 @@ def _setup(args: argparse.Namespace, accelerator: Accelerator) -> _Setup:
     if args.streaming:
         rank, world_size = accelerator.process_index, accelerator.num_processes
         part = shard_stream(raw, rank, world_size, args.seed, args.shuffle_buffer_size)
+        if world_size > 1:
+            _check_stream_parts(raw, accelerator)
     # Workers get a fresh copy of the transform each epoch (they are not persistent, see `set_epoch`): no cache there.
     cache_mb = args.cache_images_mb if not args.streaming and args.dataloader_num_workers == 0 else 0
     dataset = prepare_dataset(
