@@ -391,6 +391,7 @@ def test_bundled_model_is_the_digits_recipe(bundled) -> None:
     """The bundled model is what spaces/hf-ddpm/README.md says reproduces it (`train.py --preset digits`): the same
     U-Net config and noise process, so a change of the recipe cannot leave a stale model behind unnoticed."""
     from hf_ddpm.training import parse_args
+    from hf_ddpm.training.args import TRAINING_PRESETS
     from hf_ddpm.training.components import build_noise_scheduler, unet_config
 
     args = parse_args(["--preset", "digits"])
@@ -402,3 +403,8 @@ def test_bundled_model_is_the_digits_recipe(bundled) -> None:
     expected_scheduler = build_noise_scheduler(args).config
     for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "variance_type", "timestep_spacing"):
         assert bundled.scheduler.config[key] == expected_scheduler[key], key
+    # The rest of the recipe (steps, learning rate, EMA, min-SNR, ...): the run's own record, bundled beside it.
+    recorded = json.loads((Path(core.__file__).parent / "model" / "training_config.json").read_text())
+    for key, value in TRAINING_PRESETS["digits"].items():
+        assert recorded[key] == json.loads(json.dumps(value)), key
+    assert (recorded["preset"], recorded["seed"], recorded["num_processes"]) == ("digits", 0, 1)
