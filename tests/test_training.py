@@ -474,6 +474,23 @@ def test_ema_warmup_flags_must_be_positive(flag: str, value: str, capsys) -> Non
 # --- writing the output folder ---------------------------------------------------------------------------------------
 
 
+def test_atomic_write_replaces_whole_files_with_open_s_mode(tmp_path: Path) -> None:
+    """A finished write replaces the file, with the mode `open()` gives (not mkstemp's 0o600: model cards and run
+    records are read by other users and servers); a failed one keeps the old file and leaves no temporary."""
+    from hf_ddpm.atomic_files import atomic_path, atomic_write
+
+    target = tmp_path / "sub" / "card.md"
+    atomic_write(target, "first")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.read_text() == "first" and target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "first" and sorted(os.listdir(target.parent)) == ["card.md"]
+
+
 def test_pipeline_swap_recovers_from_a_crash(tmp_path: Path) -> None:
     """A crash between the two renames of a component swap leaves `.unet.old` and no `unet/`: the next run puts the
     previous complete component back; temporaries are removed."""

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .atomic_files import atomic_path
 
 __all__ = [
     "DigitsClassifierExtractor",
@@ -160,9 +161,7 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz (mean, cov, count) atomically, so concurrent writers (xdist workers) never tear a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, mean=self.mean, cov=self.cov, count=np.int64(self.count))
 
@@ -170,19 +169,6 @@ class FeatureStats:
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         with np.load(path) as data:
             return cls(mean=data["mean"], cov=data["cov"], count=int(data["count"]))
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` that replaces it when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------ feature extractors
@@ -564,7 +550,7 @@ class DigitsClassifierExtractor(ImageFeatureExtractor):
             self.model.load_state_dict(trained.state_dict())
             self.path.parent.mkdir(parents=True, exist_ok=True)
             metadata = {"recipe": json.dumps(_DIGITS_RECIPE), "held_out_accuracy": repr(self.held_out_accuracy)}
-            with _atomic_path(self.path) as tmp:
+            with atomic_path(self.path) as tmp:
                 save_file(self.model.state_dict(), tmp, metadata=metadata)
         self.model.to(self.device).eval()
 

@@ -37,6 +37,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..atomic_files import atomic_write
 from ..compilation import compile_kwargs, compile_problem
 from ..data import (
     SkippedImages,
@@ -67,7 +68,7 @@ from .components import build_noise_scheduler, build_unet, run_signature
 from .ema_state import register_ema_checkpointing
 from .hub import create_hub_repo, push_folder
 from .model_card import TrainingMetrics, render_model_card, write_model_card
-from .output import atomic_write, check_output_dir, clean_interrupted_writes, save_pipeline, write_run_config
+from .output import check_output_dir, clean_interrupted_writes, save_pipeline, write_run_config
 from .periodic_eval import build_evaluator, eval_logs
 from .samples import sample_images, save_grid
 

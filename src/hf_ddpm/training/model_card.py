@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .output import atomic_write
+from ..atomic_files import atomic_write
 
 CARD_TAGS = ("diffusers", "unconditional-image-generation", "hf-ddpm", "ddpm")
 

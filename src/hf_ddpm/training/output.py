@@ -16,6 +16,8 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
+from ..atomic_files import atomic_write
+
 RUN_CONFIG_FILE = "training_config.json"
 MARKER_KEY = "hf_ddpm_training"
 PIPELINE_CLASS = "HFDDPMPipeline"
@@ -48,20 +50,6 @@ def check_output_dir(output_dir: str | os.PathLike) -> None:
             f"--output_dir {os.fspath(output_dir)!r} is not empty and holds no hf_ddpm training run or "
             f"{PIPELINE_CLASS} (found: {shown}); refusing to write into it. Choose a new or empty folder."
         )
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path` (readers see old or new)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_run_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> None:

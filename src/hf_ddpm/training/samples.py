@@ -12,9 +12,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..atomic_files import atomic_write
 from ..pipeline import HFDDPMPipeline
 from ..schedulers import DDIMPosteriorScheduler
-from .output import atomic_write
 
 
 @torch.no_grad()
