@@ -548,7 +548,6 @@ class DigitsClassifierExtractor(ImageFeatureExtractor):
         else:
             trained, self.held_out_accuracy = train_digits_classifier(_DIGITS_RECIPE)
             self.model.load_state_dict(trained.state_dict())
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             metadata = {"recipe": json.dumps(_DIGITS_RECIPE), "held_out_accuracy": repr(self.held_out_accuracy)}
             with atomic_path(self.path) as tmp:
                 save_file(self.model.state_dict(), tmp, metadata=metadata)
