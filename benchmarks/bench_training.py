@@ -7,11 +7,13 @@
 
 Same data (the built-in digits through `hf_ddpm.data`, 16x16, batch 16), same architecture (`UNet2DModel` built
 by `DDPMUNet.to_diffusers_unet`, so the parameter counts are equal), one process, the same thread count.
-Runs alternate and the best of `--repeats` is reported, which damps the noise of a shared machine. The default
-600 steps are 5.3 epochs of the digits: a long run's steady state, where the first epoch (which fills hf_ddpm's
-image cache, `--cache_images_mb`) no longer dominates; `--steps 200` shows a short run.
+Runs alternate, ours then diffusers', `--repeats` times. This shared machine's speed drifts by 10-20% over minutes
+(diffusers' unchanged loop has measured 215-253 images/s), so besides the best of each the script prints the ratio
+of each adjacent pair, which drift hits alike, and their median. The default 600 steps are 5.3 epochs of the
+digits: a long run's steady state, where the first epoch (which fills hf_ddpm's image cache, `--cache_images_mb`)
+no longer dominates; `--steps 200` shows a short run.
 
-    python benchmarks/bench_training.py [--steps 600] [--repeats 2] [--threads N] [--hf_ddpm_flags '...'] [--quick]
+    python benchmarks/bench_training.py [--steps 600] [--repeats 3] [--threads N] [--hf_ddpm_flags '...'] [--quick]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import tempfile
 
 import torch
@@ -56,7 +59,7 @@ def run_diffusers_loop(steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default: 600)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each, best kept (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of runs (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="20 steps, one repeat: checks that it runs")
     parser.add_argument("--hf_ddpm_flags", default="", help="more train.py flags for hf_ddpm's runs, e.g. '--cache_images_mb 0'")  # fmt: skip
@@ -70,18 +73,26 @@ def main() -> None:
     for _ in range(args.repeats):
         ours.append(run_hf_ddpm(args.steps, shlex.split(args.hf_ddpm_flags)))
         theirs.append(run_diffusers_loop(args.steps))
+    pair_ratios = [a / b for a, b in zip(ours, theirs)]
     result = {
         "hf_ddpm_images_per_s": max(ours),
         "diffusers_images_per_s": max(theirs),
         "ratio": max(ours) / max(theirs),
+        "pair_ratios": pair_ratios,
+        "median_pair_ratio": statistics.median(pair_ratios),
+        "hf_ddpm_runs": ours,
+        "diffusers_runs": theirs,
     }
+    pairs = ", ".join(f"{a:.1f}/{b:.1f}={a / b:.2f}" for a, b in zip(ours, theirs))
     print(
         f"\ntraining throughput: digits {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {args.steps} steps, 1 process, "
         f"hf_ddpm flags {args.hf_ddpm_flags or '(none)'}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}; U-Nets of {params:,} parameters\n"
-        f"  hf_ddpm trainer (DDPMUNet tiny-16)               {result['hf_ddpm_images_per_s']:8.1f} images/s\n"
-        f"  diffusers train_unconditional loop (UNet2DModel) {result['diffusers_images_per_s']:8.1f} images/s\n"
-        f"  ratio hf_ddpm / diffusers                        {result['ratio']:8.2f}\n"
+        f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs; U-Nets of {params:,} parameters\n"
+        f"  hf_ddpm trainer (DDPMUNet tiny-16), best            {result['hf_ddpm_images_per_s']:8.1f} images/s\n"
+        f"  diffusers train_unconditional loop (UNet2DModel), best {result['diffusers_images_per_s']:6.1f} images/s\n"
+        f"  ratio of the bests                                  {result['ratio']:8.2f}\n"
+        f"  pairs (hf_ddpm/diffusers images/s): {pairs}\n"
+        f"  median ratio of the pairs                           {result['median_pair_ratio']:8.2f}\n"
         f"{json.dumps(result)}"
     )
 

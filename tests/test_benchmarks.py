@@ -40,6 +40,8 @@ def test_bench_pipeline_quick(tmp_path: Path) -> None:
 def test_bench_training_quick(tmp_path: Path) -> None:
     result = run_benchmark("bench_training.py", tmp_path)
     assert result["hf_ddpm_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0
+    assert len(result["pair_ratios"]) == 1  # --quick: one pair
+    assert result["median_pair_ratio"] == result["hf_ddpm_runs"][0] / result["diffusers_runs"][0]
 
 
 def test_bench_data_quick(tmp_path: Path) -> None:
