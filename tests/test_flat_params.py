@@ -132,6 +132,10 @@ def test_a_gradient_taken_out_of_the_buffer_is_an_error():
     unet.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match=r"set to None.*FlatParameters.zero_grad"):
         flat.zero_grad()
+    flat = FlatParameters(unet.parameters())
+    torch.optim.AdamW([flat.param]).zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"flat parameter's gradient was replaced or set to None"):
+        flat.zero_grad()
 
 
 def test_bad_parameters_are_errors_naming_them():

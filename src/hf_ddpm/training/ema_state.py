@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,11 @@ def save_ema_state(ema: EMAModel, folder: str | os.PathLike) -> None:
     """Write the EMA's shadow weights and its counters (step, decay settings) to `folder/ema.safetensors`."""
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    tensors = {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}
+    # Copies: the trainer's shadow tensors are views of one buffer (FlatEMA), which safetensors takes for tied weights.
+    tensors = {
+        f"shadow.{i}": p.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        for i, p in enumerate(shadow)
+    }
     save_file(tensors, str(Path(folder) / EMA_FILE), metadata={"ema_state": json.dumps(state)})
 
 

@@ -90,6 +90,11 @@ class FlatParameters:
 
     def zero_grad(self) -> None:
         """Zero every gradient (one fill of the buffer), after checking that each is still its view of it."""
+        if self.param.grad is not self.grad:
+            raise RuntimeError(
+                "the flat parameter's gradient was replaced or set to None (e.g. by the optimizer's "
+                "zero_grad(set_to_none=True)): its optimizer would skip it. Zero gradients with FlatParameters.zero_grad()."
+            )
         for p, pointer in zip(self.params, self._grad_pointers):
             grad = p.grad
             if grad is None or grad.data_ptr() != pointer:
