@@ -175,3 +175,61 @@ def test_accelerate_checkpoint_keeps_every_weight(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         accelerator.load_state(str(tmp_path / "ckpt"))
+
+
+def test_optimizer_state_is_saved_per_parameter_whatever_the_layout():
+    """Saved, the flat optimizer's state is a per-tensor optimizer's: it loads under the other memory layout (a CPU
+    run resumed on a GPU) and from a per-tensor optimizer's state (checkpoints from before the flat buffers), and the
+    next update is the one the per-tensor optimizer makes."""
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8, fused=True)
+    reference = small_unet()
+    opt_ref = torch.optim.AdamW(reference.parameters(), **settings)
+    channels_last = small_unet()
+    flat = FlatParameters(channels_last.parameters())
+    opt = torch.optim.AdamW([flat.param], **settings)
+    flat.attach_optimizer(opt)
+    for _ in range(2):
+        loss_of(reference).backward()
+        for p, q in zip(channels_last.parameters(), reference.parameters()):
+            p.grad.copy_(q.grad)
+        opt_ref.step()
+        opt.step()
+        opt_ref.zero_grad(set_to_none=True)
+        flat.zero_grad()
+    saved, saved_ref = opt.state_dict(), opt_ref.state_dict()
+    assert saved["param_groups"] == saved_ref["param_groups"]
+    for i, state in saved_ref["state"].items():
+        assert saved["state"][i].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(saved["state"][i][key], value), (i, key)
+
+    nchw = small_unet().to(memory_format=torch.contiguous_format)
+    nchw.channels_last = False
+    for source in (saved, saved_ref):  # the flat optimizer's own state, and a per-tensor optimizer's
+        model = copy.deepcopy(nchw)
+        model.load_state_dict(reference.state_dict())
+        other = FlatParameters(model.parameters())
+        conv = 8  # down.0.res.0.conv1.weight, [8, 8, 3, 3]: its elements lie in another order in each layout
+        assert other.params[conv].is_contiguous() and not flat.params[conv].is_contiguous()
+        opt_other = torch.optim.AdamW([other.param], **settings)
+        other.attach_optimizer(opt_other)
+        opt_other.load_state_dict(copy.deepcopy(source))
+        ref = copy.deepcopy(reference)
+        opt_next = torch.optim.AdamW(ref.parameters(), **settings)
+        opt_next.load_state_dict(saved_ref)
+        loss_of(ref).backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.grad.copy_(q.grad)
+        opt_next.step()
+        opt_other.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_optimizer_state_of_another_model_is_an_error():
+    flat = FlatParameters(small_unet().parameters())
+    opt = torch.optim.AdamW([flat.param])
+    flat.attach_optimizer(opt)
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"parameter groups of sizes \[1\]; this model trains \d+ parameters"):
+        opt.load_state_dict(other.state_dict())

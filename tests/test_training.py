@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,17 @@ def test_two_processes_with_accelerate_launch(tmp_path: Path, saved_digits: Path
     assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
     assert not list(out.glob(".*")), "temporary files left behind"
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HFDDPMPipeline"
+
+    # Resumed from step 3 by two processes (the checkpoint holds the DDP wrapper's `module.`-prefixed weights), the run
+    # ends on the uninterrupted one's weights and EMA bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("checkpoint-6"))
+    cmd = accelerate_launch(2) + train_cmd(resumed, *flags, "--resume_from_checkpoint", "latest", steps=6)[1:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "checkpoint-6/model.safetensors", "checkpoint-6/ema.safetensors"):  # fmt: skip
+        expected, got = load_file(str(out / weights)), load_file(str(resumed / weights))
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), weights
 
 
 def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, saved_digits: Path) -> None:

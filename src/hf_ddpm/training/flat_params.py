@@ -10,6 +10,7 @@ buffer, which is zeroed, never freed, between steps.
 Tensors that share one storage look like tied weights to safetensors' savers and loaders (accelerate's checkpoint
 writer keeps one tensor per storage; safetensors' `load_model` and `save_file` fail on channels_last views of one
 storage), so checkpoints go through `register_flat_checkpointing`, and a model to save gets weights of its own.
+The optimizer's state is saved per parameter (`attach_optimizer`), as an optimizer over the module would save it.
 """
 
 from __future__ import annotations
@@ -88,6 +89,52 @@ class FlatParameters:
             buffer.as_strided(shape, strides, offset) for (shape, strides), offset in zip(self._layout, self._offsets)
         ]
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give `optimizer` (over `param` alone) the state dict of an optimizer over the module's parameters: one entry
+        per parameter, each state tensor in its parameter's shape. The flat order depends on the memory layout (NCHW
+        and channels_last order a conv weight's elements differently), so flat moments saved under one layout would
+        land on the wrong elements under the other; per-parameter state is the same either way, and is what
+        checkpoints written before the flat buffers hold."""
+        optimizer.register_state_dict_post_hook(self._expand_optimizer_state)
+        optimizer.register_load_state_dict_pre_hook(self._flatten_optimizer_state)
+
+    def _expand_optimizer_state(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        (group,) = state_dict["param_groups"]
+        flat_state = state_dict["state"].get(group["params"][0], {})
+        per_param: dict[int, dict] = {i: {} for i in range(len(self.params))} if flat_state else {}
+        for key, value in flat_state.items():
+            if torch.is_tensor(value) and value.shape == self.data.shape:
+                parts = [view.clone(memory_format=torch.contiguous_format) for view in self.views(value)]
+            else:  # e.g. AdamW's step count: one per parameter, as a per-tensor optimizer keeps it
+                parts = [value.clone() if torch.is_tensor(value) else value for _ in self.params]
+            for i, part in enumerate(parts):
+                per_param[i][key] = part
+        return {"state": per_param, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+
+    def _flatten_optimizer_state(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            sizes = [len(g["params"]) for g in groups]
+            raise ValueError(
+                f"the optimizer state holds parameter groups of sizes {sizes}; this model trains "
+                f"{len(self.params)} parameters in one group"
+            )
+        states = [state_dict["state"].get(i, {}) for i in groups[0]["params"]]
+        if any(states) and not all(states):
+            raise ValueError("the optimizer state has entries for some parameters and not for others")
+        flat_state: dict = {}
+        for key, value in (states[0] if states else {}).items():
+            if key != "step" and all(
+                torch.is_tensor(s[key]) and s[key].shape == p.shape for s, p in zip(states, self.params)
+            ):
+                buffer = torch.empty(self.data.shape, dtype=value.dtype, device=self.data.device)
+                for view, state in zip(self.views(buffer), states):
+                    view.copy_(state[key])
+                flat_state[key] = buffer
+            else:
+                flat_state[key] = value
+        return {"state": {0: flat_state} if flat_state else {}, "param_groups": [{**groups[0], "params": [0]}]}
+
     def zero_grad(self) -> None:
         """Zero every gradient (one fill of the buffer), after checking that each is still its view of it."""
         if self.param.grad is not self.grad:
@@ -107,7 +154,9 @@ class FlatParameters:
 
 def _unshare(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """A copy of a state dict whose tensors each own their (contiguous) memory."""
-    return OrderedDict((k, v.contiguous().clone() if torch.is_tensor(v) else v) for k, v in state_dict.items())
+    return OrderedDict(
+        (k, v.clone(memory_format=torch.contiguous_format) if torch.is_tensor(v) else v) for k, v in state_dict.items()
+    )
 
 
 def register_flat_checkpointing(accelerator: Accelerator) -> None:
@@ -128,9 +177,10 @@ def register_flat_checkpointing(accelerator: Accelerator) -> None:
             path = Path(input_dir) / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: the checkpoint holds no weights for model {i}")
-            module = accelerator.unwrap_model(model)
-            device = next(module.parameters()).device
-            module.load_state_dict(load_file(str(path), device=str(device)))
+            # Into the very object accelerate saved from and would load into (its keys match, wrapped or not);
+            # load_state_dict copies into the existing parameters, which so stay views of the buffer.
+            device = next(model.parameters()).device
+            model.load_state_dict(load_file(str(path), device=str(device)))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -151,12 +201,12 @@ class FlatEMA:
     def rebind(self) -> None:
         """Copy the EMA's shadow tensors into the buffer and make them its views again; call after anything that
         replaces them (`EMAModel.load_state_dict`, a `to()` that moves them)."""
-        if all(s is v for s, v in zip(self.ema.shadow_params, self._views)):
-            return
         if len(self.ema.shadow_params) != len(self._views):
             raise ValueError(
                 f"the EMA holds {len(self.ema.shadow_params)} tensors; the model has {len(self._views)} parameters"
             )
+        if all(s is v for s, v in zip(self.ema.shadow_params, self._views)):
+            return
         with torch.no_grad():
             for view, tensor in zip(self._views, self.ema.shadow_params):
                 view.copy_(tensor)

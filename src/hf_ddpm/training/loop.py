@@ -204,7 +204,7 @@ class _Trainer:
         self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
         self.overhead = 0.0  # seconds spent sampling, evaluating and saving (excluded from throughput)
         self.images_seen = 0
-        self._export_unet: DDPMUNet | None = None
+        self._export_copy: DDPMUNet | None = None
 
         unet = setup.unet
         if args.gradient_checkpointing:
@@ -235,6 +235,7 @@ class _Trainer:
             eps=args.adam_epsilon,
             fused=True,  # one kernel for the whole update instead of ~10 ops over the buffer
         )
+        self.flat.attach_optimizer(optimizer)
         self.optimizer, self.loader = accelerator.prepare(optimizer, loader)
         register_flat_checkpointing(accelerator)
         # --dynamo_backend: a compiled wrapper (over the DDP module, as accelerate would compile it) for the training
@@ -292,13 +293,13 @@ class _Trainer:
     def export_unet(self) -> DDPMUNet:
         """The weights to save, in a U-Net of their own: the EMA's when EMA is on, else the trained ones (copied, as
         the trained parameters share one buffer, which safetensors would not save as separate weights)."""
-        if self._export_unet is None:
-            self._export_unet = DDPMUNet.from_config(self.raw.config).to(self.device)
+        if self._export_copy is None:
+            self._export_copy = DDPMUNet.from_config(self.raw.config).to(self.device)
         if self.ema is None:
-            self._export_unet.load_state_dict(self.raw.state_dict())
+            self._export_copy.load_state_dict(self.raw.state_dict())
         else:
-            self.ema.copy_to(self._export_unet.parameters())
-        return self._export_unet
+            self.ema.copy_to(self._export_copy.parameters())
+        return self._export_copy
 
     # --- one batch -------------------------------------------------------------------------------------------------
 
