@@ -11,9 +11,12 @@ Runs alternate, ours then diffusers', `--repeats` times. This shared machine's s
 (diffusers' unchanged loop has measured 215-253 images/s), so besides the best of each the script prints the ratio
 of each adjacent pair, which drift hits alike, and their median. The default 600 steps are 5.3 epochs of the
 digits: a long run's steady state, where the first epoch (which fills hf_ddpm's image cache, `--cache_images_mb`)
-no longer dominates; `--steps 200` shows a short run.
+no longer dominates; `--steps 200` shows a short run. Before the pairs, each loop runs `--warmup_steps` unmeasured
+steps, so that one-time costs of the process (likely oneDNN building its kernels for these shapes, which the second
+loop to run would otherwise find ready; lazy imports; the allocator growing) fall on neither: without it the first
+pair was the lowest of every run.
 
-    python benchmarks/bench_training.py [--steps 600] [--repeats 3] [--threads N] [--hf_ddpm_flags '...'] [--quick]
+    python benchmarks/bench_training.py [--steps 600] [--repeats 3] [--warmup_steps 50] [--threads N] [--hf_ddpm_flags '...'] [--quick]
 """
 
 from __future__ import annotations
@@ -60,15 +63,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default: 600)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of runs (default: 3)")
+    parser.add_argument(
+        "--warmup_steps", type=int, default=50, help="unmeasured steps of each loop first (default: 50)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="20 steps, one repeat: checks that it runs")
     parser.add_argument("--hf_ddpm_flags", default="", help="more train.py flags for hf_ddpm's runs, e.g. '--cache_images_mb 0'")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.repeats = 20, 1
+        args.steps, args.repeats, args.warmup_steps = 20, 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     params = sum(p.numel() for p in DDPMUNet.from_preset("tiny-16", in_channels=1, out_channels=1).parameters())
+    if args.warmup_steps:
+        run_hf_ddpm(args.warmup_steps, shlex.split(args.hf_ddpm_flags))
+        run_diffusers_loop(args.warmup_steps)
     ours, theirs = [], []
     for _ in range(args.repeats):
         ours.append(run_hf_ddpm(args.steps, shlex.split(args.hf_ddpm_flags)))
@@ -87,7 +96,8 @@ def main() -> None:
     print(
         f"\ntraining throughput: digits {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {args.steps} steps, 1 process, "
         f"hf_ddpm flags {args.hf_ddpm_flags or '(none)'}, "
-        f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs; U-Nets of {params:,} parameters\n"
+        f"{torch.get_num_threads()} threads, {args.warmup_steps} warmup steps each, {args.repeats} alternating pairs; "
+        f"U-Nets of {params:,} parameters\n"
         f"  hf_ddpm trainer (DDPMUNet tiny-16), best            {result['hf_ddpm_images_per_s']:8.1f} images/s\n"
         f"  diffusers train_unconditional loop (UNet2DModel), best {result['diffusers_images_per_s']:6.1f} images/s\n"
         f"  ratio of the bests                                  {result['ratio']:8.2f}\n"
