@@ -138,6 +138,30 @@ def test_a_gradient_taken_out_of_the_buffer_is_an_error():
         flat.zero_grad()
 
 
+def test_a_parameter_moved_out_of_the_buffer_is_an_error():
+    unet = small_unet()
+    flat = FlatParameters(unet.parameters())
+    unet.conv_in.weight.data = unet.conv_in.weight.data.clone()
+    with pytest.raises(RuntimeError, match=r"shape \(8, 1, 3, 3\) no longer lies in the flat buffer"):
+        flat.zero_grad()
+
+
+def test_per_tensor_state_with_unequal_steps_is_an_error():
+    unet = small_unet()
+    params = list(unet.parameters())
+    per_tensor = torch.optim.AdamW(params)
+    params[0].grad = torch.ones_like(params[0])  # only one parameter has a gradient: only its step advances
+    per_tensor.step()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    per_tensor.step()
+    flat = FlatParameters(params)
+    opt = torch.optim.AdamW([flat.param])
+    flat.attach_optimizer(opt)
+    with pytest.raises(ValueError, match="'step' differs between parameters"):
+        opt.load_state_dict(per_tensor.state_dict())
+
+
 def test_bad_parameters_are_errors_naming_them():
     with pytest.raises(ValueError, match="at least one"):
         FlatParameters([])
