@@ -383,9 +383,7 @@ def assert_float32_parity(monkeypatch: pytest.MonkeyPatch, ours_cls, theirs_cls,
         theirs32.set_timesteps(T)
         reference.set_timesteps(T)
     n = len(ours32.timesteps)
-    accurate = 0
-    checked = float32_positions(n)
-    for i in checked:
+    for i in float32_positions(n):
         t = ours32.timesteps[i]
         sample, model_output = step_inputs(int(t), dtype=torch.float32, seed=1)
         z = drawn_noise(int(t), torch.float32, seed=1)
@@ -403,12 +401,10 @@ def assert_float32_parity(monkeypatch: pytest.MonkeyPatch, ours_cls, theirs_cls,
             ours_error = max_error(getattr(got, name), getattr(ref, name))
             assert ours_error <= F32_TOL, f"ours {name} is {ours_error:.3g} from the float64 reference at t={int(t)}"
             theirs_accurate &= max_error(getattr(want, name), getattr(ref, name)) <= F32_ACCURATE
-        if theirs_accurate:
-            accurate += 1
+        if theirs_accurate:  # compared only where diffusers' float32 rounding happens to be accurate on this CPU
             for name in ("prev_sample", "pred_original_sample"):
                 error = max_error(getattr(got, name), getattr(want, name))
                 assert error <= F32_TOL, f"{name} differs from diffusers by {error:.3g} at t={int(t)}"
-    assert accurate >= len(checked) // 2, f"diffusers float32 accurate on only {accurate}/{len(checked)} steps"
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -426,21 +422,19 @@ def test_ddim_float32(monkeypatch, schedule, prediction_type, eta):
     assert_float32_parity(monkeypatch, DDIMPosteriorScheduler, DDIMScheduler, config, {"eta": eta})
 
 
-def test_float32_small_t_ours_is_right_where_diffusers_is_not(monkeypatch):
-    """At t ≤ 20 diffusers' float32 posterior is off by > 1e-5 on some step; ours stays within 1e-6 everywhere."""
+def test_float32_small_t_stays_accurate(monkeypatch):
+    """At t ≤ 20, where 1 - ᾱ_t/ᾱ_{t-1} cancels in float32 tables, our float32 step stays within 1e-6 of the float64
+    reference (diffusers' float32 tables are not asserted on: their rounding varies by CPU and version)."""
     monkeypatch.setattr(diffusers_ddpm, "randn_tensor", _float32_noise)
-    ours, theirs = DDPMPosteriorScheduler(clip_sample=False), DDPMScheduler(clip_sample=False)
+    ours = DDPMPosteriorScheduler(clip_sample=False)
     reference = with_float64_tables(DDPMScheduler(clip_sample=False), ours)
-    worst_theirs = worst_ours = 0.0
+    worst_ours = 0.0
     for t in range(1, 21):
         sample, model_output = step_inputs(t, dtype=torch.float32, seed=2)
         got = ours.step(model_output, t, sample, variance_noise=drawn_noise(t, torch.float32, seed=2))
-        want = theirs.step(model_output, t, sample, generator=noise_generator(t, 2))
         ref = reference.step(model_output.double(), t, sample.double(), generator=noise_generator(t, 2))
         worst_ours = max(worst_ours, max_error(got.prev_sample, ref.prev_sample))
-        worst_theirs = max(worst_theirs, max_error(want.prev_sample, ref.prev_sample))
     assert worst_ours <= 1e-6
-    assert worst_theirs > 1e-5
 
 
 # --- known differences -----------------------------------------------------------------------------------------------
@@ -449,44 +443,36 @@ def test_float32_small_t_ours_is_right_where_diffusers_is_not(monkeypatch):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize(("spacing", "num_inference_steps"), [("linspace", 50), ("linspace", 7), ("trailing", 7)])
 def test_ddim_previous_timestep_is_the_next_list_entry(spacing, num_inference_steps, eta):
-    """Ours steps between consecutive entries of `timesteps`; diffusers steps to t - T // N, which is off the list
-    here. Both are checked against the plain DDIM update, ours with the list's next entry, diffusers with t - T//N."""
+    """Ours steps between consecutive entries of `timesteps`, checked against the plain DDIM update. These cases are
+    the ones where t - T // N (diffusers' choice) is off the list, so the difference is exercised."""
     config = {"timestep_spacing": spacing, "clip_sample": False}
     ours = DDIMPosteriorScheduler(**config)
-    theirs = with_float64_tables(DDIMScheduler(**config), ours)
-    set_both(ours, theirs, num_inference_steps)
+    ours.set_timesteps(num_inference_steps)
     alphas_cumprod = reference_alphas_cumprod(config)
     timesteps = ours.timesteps.tolist()
     off_list = 0
     for i, t in enumerate(timesteps):
         s_ours = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        s_theirs = t - T // num_inference_steps
         a_t = float(alphas_cumprod[t])
         a_ours = float(alphas_cumprod[s_ours]) if s_ours >= 0 else 1.0
-        a_theirs = float(alphas_cumprod[s_theirs]) if s_theirs >= 0 else 1.0
         sample, eps = step_inputs(t)
         z = drawn_noise(t, torch.float64)
         got = ours.step(eps, t, sample, eta=eta, variance_noise=z).prev_sample
-        want = theirs.step(eps, t, sample, eta=eta, variance_noise=z).prev_sample
         assert int(ours.previous_timestep(t)) == s_ours
         assert max_error(got, reference_ddim(sample, eps, a_t, a_ours, eta, z)) <= ALGORITHM_TOL
-        assert max_error(want, reference_ddim(sample, eps, a_t, a_theirs, eta, z)) <= ALGORITHM_TOL
-        if s_theirs != s_ours and max(s_theirs, s_ours) >= 0:
-            off_list += 1
-            assert max_error(got, want) > 1e-4, f"t={t}: expected diffusers to differ (it steps to {s_theirs})"
+        off_list += t - T // num_inference_steps != s_ours
     assert off_list > 0
 
 
 @pytest.mark.parametrize("num_inference_steps", [None, 50])
 def test_fixed_large_log_is_fixed_large(num_inference_steps):
-    """diffusers' `fixed_large_log` takes the square root of log β (NaN); ours samples N(μ̃, β_t) like fixed_large."""
+    """`fixed_large_log` samples N(μ̃, β_t) like fixed_large (diffusers takes the square root of log β there)."""
     config = {"variance_type": "fixed_large_log", "clip_sample": False}
     ours = DDPMPosteriorScheduler(**config)
     large = DDPMPosteriorScheduler(**{**config, "variance_type": "fixed_large"})
-    theirs = with_float64_tables(DDPMScheduler(**config), ours)
-    set_both(ours, theirs, num_inference_steps)
-    if num_inference_steps:
-        large.set_timesteps(num_inference_steps)
+    for scheduler in (ours, large):
+        if num_inference_steps:
+            scheduler.set_timesteps(num_inference_steps)
     alphas_cumprod = reference_alphas_cumprod(config)
     timesteps = ours.timesteps.tolist()
     for i in checked_positions(len(timesteps)):
@@ -500,7 +486,6 @@ def test_fixed_large_log_is_fixed_large(num_inference_steps):
         want = reference_posterior_mean(sample, eps, a_t, a_s)
         if s >= 0:
             want = want + (1 - a_t / a_s) ** 0.5 * z
-            assert torch.isnan(theirs.step(eps, t, sample, generator=noise_generator(t)).prev_sample).all()
         assert max_error(got, want) <= ALGORITHM_TOL
 
 
@@ -515,12 +500,13 @@ LAST_STEP_CASES = [
 @pytest.mark.parametrize(("spacing", "num_inference_steps", "timesteps"), LAST_STEP_CASES)
 def test_ddpm_last_step_adds_no_noise(spacing, num_inference_steps, timesteps, variance_type):
     """On the last step ours returns the posterior mean (Algorithm 2 of Ho et al.: z = 0 at the last step), even when
-    that step's timestep is > 0. With ᾱ_prev = 1 that mean is x̂_0 itself. diffusers adds noise whenever t > 0: with
-    std √(1 - ᾱ_t) for fixed_large, √v for learned, and 1e-10 (its clamp of β̃ = 0) for fixed_small."""
+    that step's timestep is > 0. With ᾱ_prev = 1 that mean is x̂_0 itself."""
     config = {**spacing, "variance_type": variance_type, "clip_sample": False}
     ours = DDPMPosteriorScheduler(**config)
-    theirs = with_float64_tables(DDPMScheduler(**config), ours)
-    set_both(ours, theirs, num_inference_steps, timesteps)
+    if timesteps is not None:
+        ours.set_timesteps(timesteps=timesteps)
+    elif num_inference_steps is not None:
+        ours.set_timesteps(num_inference_steps)
     t = int(ours.timesteps[-1])
     assert t > 0
     a_t = float(ours.diffusion.alphas_cumprod[t])
@@ -532,25 +518,10 @@ def test_ddpm_last_step_adds_no_noise(spacing, num_inference_steps, timesteps, v
     eps = model_output[:, : SHAPE[1]]
     assert max_error(first.prev_sample, reference_x0_eps(sample, eps, a_t)) <= ALGORITHM_TOL
 
-    want = theirs.step(model_output, t, sample, generator=noise_generator(t)).prev_sample
-    z = drawn_noise(t, torch.float64)
-    if variance_type in ("fixed_small", "fixed_small_log"):
-        std = torch.tensor(1e-10, dtype=torch.float64)
-    elif variance_type == "fixed_large":
-        std = torch.tensor((1 - a_t) ** 0.5, dtype=torch.float64)
-    elif variance_type == "learned":
-        std = model_output[:, SHAPE[1] :].sqrt()
-    else:
-        frac = (model_output[:, SHAPE[1] :] + 1) / 2
-        std = torch.exp(0.5 * (frac * np.log(1 - a_t) + (1 - frac) * np.log(1e-20)))
-    assert max_error(want, first.prev_sample + std * z) <= ALGORITHM_TOL
-    if variance_type in ("fixed_large", "learned"):
-        assert max_error(want, first.prev_sample) > 1e-3
-
 
 def test_zero_terminal_snr_epsilon_first_step():
-    """With ᾱ_{T-1} = 0, x̂_0 from ε divides by zero: unclipped, diffusers gives ±inf on that step while ours stays
-    finite (its ᾱ floor); clipped to [-1, 1], both give the same step."""
+    """With ᾱ_{T-1} = 0, x̂_0 from ε divides by zero: unclipped, ours stays finite (its ᾱ floor); clipped to
+    [-1, 1], ours and diffusers give the same step."""
     for ours_cls, theirs_cls in ((DDPMPosteriorScheduler, DDPMScheduler), (DDIMPosteriorScheduler, DDIMScheduler)):
         for clip_sample in (False, True):
             config = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": clip_sample}
@@ -560,21 +531,19 @@ def test_zero_terminal_snr_epsilon_first_step():
             sample, eps = step_inputs(999)
             z = drawn_noise(999, torch.float64)
             got = ours.step(eps, 999, sample, variance_noise=z)
-            if theirs_cls is DDPMScheduler:
-                want = theirs.step(eps, 999, sample, generator=noise_generator(999))
-            else:
-                want = theirs.step(eps, 999, sample, variance_noise=z)
             assert torch.isfinite(got.prev_sample).all() and torch.isfinite(got.pred_original_sample).all()
             if clip_sample:
+                if theirs_cls is DDPMScheduler:
+                    want = theirs.step(eps, 999, sample, generator=noise_generator(999))
+                else:
+                    want = theirs.step(eps, 999, sample, variance_noise=z)
                 assert max_error(got.pred_original_sample, want.pred_original_sample) <= ALGORITHM_TOL
                 assert max_error(got.prev_sample, want.prev_sample) <= ALGORITHM_TOL
-            else:
-                assert not torch.isfinite(want.pred_original_sample).any()
 
 
 def test_ddim_zero_terminal_snr_eta_one_float32_first_step():
-    """At ᾱ_t = 0 and η = 1, σ² = 1 - ᾱ_prev: diffusers' float32 √(1 - ᾱ_prev - (√σ²)²) can take the root of a tiny
-    negative number (here with scaled_linear) and return NaN; ours floors the radicand at 0: √ᾱ_prev x̂_0 + σ z."""
+    """At ᾱ_t = 0 and η = 1, σ² = 1 - ᾱ_prev, so √(1 - ᾱ_prev - σ²) has a radicand that float32 may round below 0;
+    ours floors it at 0 and returns √ᾱ_prev x̂_0 + σ z, checked against the float64 reference."""
     config = {
         **SCHEDULES["scaled_linear"],
         "rescale_betas_zero_snr": True,
@@ -582,28 +551,25 @@ def test_ddim_zero_terminal_snr_eta_one_float32_first_step():
         "prediction_type": "v_prediction",
         "clip_sample": False,
     }
-    ours, theirs = DDIMPosteriorScheduler(**config), DDIMScheduler(**config)
-    set_both(ours, theirs, 10)
+    ours = DDIMPosteriorScheduler(**config)
+    ours.set_timesteps(10)
     sample, v = step_inputs(999, dtype=torch.float32)
     z = drawn_noise(999, torch.float32)
     got = ours.step(v, 999, sample, eta=1.0, variance_noise=z)
-    want = theirs.step(v, 999, sample, eta=1.0, variance_noise=z)
-    assert torch.isnan(want.prev_sample).all()
     a_prev = float(ours.diffusion.alphas_cumprod[899])
     reference = a_prev**0.5 * -v.double() + (1 - a_prev) ** 0.5 * z.double()  # x̂_0 = -v at ᾱ_t = 0
+    assert torch.isfinite(got.prev_sample).all()
     assert max_error(got.prev_sample, reference) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", list(PAIRS))
 def test_trailing_spacing_never_gives_minus_one(kind):
-    """For (T, N) = (1000, 61) diffusers' trailing spacing gives 62 timesteps, the last one -1 (float error in
-    `np.arange(T, 0, -T / N)`), and its step there would index ᾱ[-1] = ᾱ_{T-1}; ours gives the first 61."""
-    ours_cls, theirs_cls = PAIRS[kind]
-    ours, theirs = ours_cls(timestep_spacing="trailing"), theirs_cls(timestep_spacing="trailing")
+    """For (T, N) = (1000, 61), `np.arange(T, 0, -T / N)` can give a 62nd entry, -1, through float error (diffusers'
+    trailing spacing); ours gives exactly N timesteps, all in [0, T), equal to round(T - k T / N) - 1."""
+    ours = PAIRS[kind][0](timestep_spacing="trailing")
     ours.set_timesteps(61)
-    theirs.set_timesteps(61)
-    assert len(theirs.timesteps) == 62 and int(theirs.timesteps[-1]) == -1
-    assert len(ours.timesteps) == 61 and torch.equal(ours.timesteps, theirs.timesteps[:61])
+    want = [round(T - k * T / 61) - 1 for k in range(61)]
+    assert ours.timesteps.tolist() == want
 
 
 # --- the forward process ---------------------------------------------------------------------------------------------
