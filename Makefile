@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint format space clean
+.PHONY: install browser demo test lint format space clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,20 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# The Space's browser test drives Debian's chromium. As root with apt-get (CI, containers) it is installed here;
+# otherwise make stops at once with the command to run, rather than after minutes of tests.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing chromium (apt-get) for tests/test_space_browser.py"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make test needs Chromium for tests/test_space_browser.py. Install it, then rerun make test:"; \
+	    echo "    sudo apt-get install chromium    (Debian/Ubuntu; other systems: put a chromium on PATH)"; \
+	    exit 1; \
+	  fi; }
+
+test: browser lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: install
