@@ -420,16 +420,16 @@ def _transform_of(ds: datasets.Dataset):
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import hf_ddpm.data
+    import hf_ddpm.data.prepare  # the module whose row transform calls decode_image
 
     calls: list[int] = []
-    decode = hf_ddpm.data.decode_image
+    decode = hf_ddpm.data.prepare.decode_image
 
     def counting(value, decoder=None):
         calls.append(1)
         return decode(value, decoder)
 
-    monkeypatch.setattr(hf_ddpm.data, "decode_image", counting)
+    monkeypatch.setattr(hf_ddpm.data.prepare, "decode_image", counting)
     return calls
 
 
