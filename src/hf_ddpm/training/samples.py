@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import math
 import os
 from typing import Any
 
@@ -13,6 +12,7 @@ import PIL.Image
 import torch
 
 from ..atomic_files import atomic_write
+from ..images import image_grid
 from ..pipeline import HFDDPMPipeline
 from ..schedulers import DDIMPosteriorScheduler
 
@@ -38,23 +38,6 @@ def sample_images(
     finally:
         unet.train(was_training)
     return out.images
-
-
-def image_grid(images: np.ndarray, min_tile: int = 64, gap: int = 2) -> PIL.Image.Image:
-    """Tile [N, H, W, C] images in [0, 1] into a near-square grid with `gap` gray pixels between tiles; small
-    images are enlarged (nearest neighbour, so pixels stay visible) until a tile is at least `min_tile` wide."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    scale = max(1, math.ceil(min_tile / w))
-    th, tw = h * scale, w * scale
-    pixels = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    grid = np.full((rows * (th + gap) - gap, cols * (tw + gap) - gap, c), 128, dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        r, k = divmod(i, cols)
-        grid[r * (th + gap) : r * (th + gap) + th, k * (tw + gap) : k * (tw + gap) + tw] = image
-    return PIL.Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike) -> PIL.Image.Image:
