@@ -33,7 +33,8 @@ import time
 import torch
 from diffusers import UNet2DModel
 
-from hf_ddpm.models.unet import GOOGLE_DDPM_CIFAR10_UNET2D, UNET_PRESETS, DDPMUNet
+from hf_ddpm.models.diffusers_conversion import GOOGLE_DDPM_CIFAR10_UNET2D
+from hf_ddpm.models.unet import UNET_PRESETS, DDPMUNet
 
 # UNet2DModel configs equivalent to our presets: google/ddpm-cifar10-32's, trained as in the paper (dropout 0.1).
 DIFFUSERS_CONFIGS = {"ddpm-cifar10": {**GOOGLE_DDPM_CIFAR10_UNET2D, "dropout": 0.1}}

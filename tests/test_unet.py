@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from hf_ddpm.models.unet import _FROM_DIFFUSERS, GOOGLE_DDPM_CIFAR10_UNET2D, DDPMUNet, DDPMUNetOutput, _rename
+from hf_ddpm.models.diffusers_conversion import _FROM_DIFFUSERS, GOOGLE_DDPM_CIFAR10_UNET2D, _rename
+from hf_ddpm.models.unet import DDPMUNet, DDPMUNetOutput
 
 # A small model with every feature (attention at 8x8, downsampling, skip convs) that runs in milliseconds.
 TINY = dict(sample_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
