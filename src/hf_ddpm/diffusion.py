@@ -7,7 +7,7 @@ per sample; the schedulers, the losses and the evaluation all call into this mod
 
 Equation numbers: "Ho" is Ho et al. 2020 (DDPM), "Song" is Song et al. 2021 (DDIM, ICLR), "Nichol" is Nichol &
 Dhariwal 2021 (improved DDPM), "Salimans" is Salimans & Ho 2022 (v-prediction), "SDE" is Song et al. 2021 (ICLR,
-score SDEs).
+score SDEs), "Bao" is Bao et al. 2022 (Analytic-DPM, ICLR).
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+# The likelihood terms live in `likelihood.py`; all five names stay importable from here (re-exported).
+from .likelihood import (
+    approx_standard_normal_cdf,  # noqa: F401
+    discretized_gaussian_log_likelihood,
+    gaussian_log_likelihood,
+    nats_to_bits_per_dim,  # noqa: F401
+    normal_kl,
+)
 
 Coef = float | torch.Tensor
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
@@ -42,6 +51,14 @@ def _log(value: Coef) -> Coef:
 
 def _floor(value: Coef, floor: float) -> Coef:
     return value.clamp(min=floor) if torch.is_tensor(value) else max(value, floor)
+
+
+def _clip(value: Coef, low: float, high: Coef) -> Coef:
+    """value clipped to [low, high], elementwise when either is a tensor."""
+    if torch.is_tensor(value) or torch.is_tensor(high):
+        value = torch.as_tensor(value, dtype=torch.float64).clamp(min=low)
+        return torch.minimum(value, torch.as_tensor(high, dtype=torch.float64, device=value.device))
+    return min(max(value, low), high)
 
 
 def _cast(coef: Coef, like: torch.Tensor) -> Coef:
@@ -214,6 +231,37 @@ def ddim_step(
     return out
 
 
+def analytic_variance(
+    alpha_bar_t: Coef, alpha_bar_prev: Coef, lambda2: Coef, gamma: Coef, data_half_range: float | None = None
+) -> Coef:
+    """The optimal reverse variance σ*² of the step t -> prev (Bao, Theorem 1), clipped to its bounds (Theorem 2).
+
+    σ*² = λ² + (√(β̄_t / α) - √(β̄_prev - λ²))² (1 - Γ_t), where β̄ = 1 - ᾱ, α = ᾱ_t / ᾱ_prev is the step's own ratio
+    (the respaced α of the paper's section 4), λ² the noise of the reverse family q_λ(x_prev | x_t, x_0) whose mean
+    the sampler uses (λ² = β̃: DDPM; λ² = η² β̃: DDIM) and Γ_t = E‖ε_θ(x_t, t)‖² / d (`hf_ddpm.calibrate`).
+    (β̄_t / ᾱ_t)(1 - Γ_t) estimates E Cov[x_0 | x_t] / d; Theorem 2 bounds it by [0, β̄_t / ᾱ_t] (1 - Γ in [0, 1],
+    so λ² ≤ σ*² ≤ λ² + (…)²) and, for data in [-r, r]^d, by r² (`data_half_range` r; None: unbounded data).
+    Arguments: floats or float64 tensors that broadcast (e.g. [K]); the result is float64 of their shape.
+    """
+    alpha_bar_t_safe = _floor(alpha_bar_t, ALPHA_BAR_FLOOR)
+    gap = _sqrt((1 - alpha_bar_t) * alpha_bar_prev / alpha_bar_t_safe) - _sqrt(
+        _floor(1 - alpha_bar_prev - lambda2, 0.0)
+    )
+    one_minus_gamma = _clip(1 - gamma, 0.0, 1.0)
+    if data_half_range is not None:  # Cov[x_0 | x_t] / d ≤ r² for data in [-r, r]
+        cov_bound = data_half_range**2 * alpha_bar_t_safe / _floor(1 - alpha_bar_t, ALPHA_BAR_FLOOR)
+        one_minus_gamma = _clip(one_minus_gamma, 0.0, cov_bound)
+    return lambda2 + gap**2 * one_minus_gamma
+
+
+def pixel_noise_variance_bound(pixels: float, num_bins: int = 256, data_half_range: float = 1.0) -> float:
+    """The largest σ² whose noise σz stays within `pixels` quantization bins on average: E|σz| = σ √(2/π) ≤ y Δ with
+    Δ = 2r / (num_bins - 1), i.e. σ² ≤ (y Δ √(π/2))². Bao et al. clip the last noisy step's σ*² by it when sampling
+    8-bit images (their Appendix; y = 1 or 2), since an overestimated σ there shows as visible noise in the output.
+    """
+    return (pixels * 2 * data_half_range / (num_bins - 1) * math.sqrt(math.pi / 2)) ** 2
+
+
 def langevin_step_size(score: torch.Tensor, noise: torch.Tensor, alpha: Coef, snr_ratio: float) -> torch.Tensor:
     """ε_i = 2 α_i (r ‖z‖ / ‖s‖)², per sample (Algorithm 5, SDE): the step that keeps the given noise-to-score ratio.
 
@@ -234,51 +282,6 @@ def langevin_correct(
     score = eps * (-1 / _sqrt(1 - alpha_bar))
     step = langevin_step_size(score, noise, alpha, snr_ratio).to(x_t.dtype)
     return x_t + step * score + (2 * step).sqrt() * noise
-
-
-# --- likelihood terms ------------------------------------------------------------------------------------------------
-
-
-def normal_kl(mean1: torch.Tensor, logvar1: Coef, mean2: torch.Tensor, logvar2: Coef) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
-    logvar1 = torch.as_tensor(logvar1, dtype=mean1.dtype, device=mean1.device)
-    logvar2 = torch.as_tensor(logvar2, dtype=mean1.dtype, device=mean1.device)
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Φ(x) by the tanh approximation used in the DDPM code (Page 1977); accurate to ~1e-4."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, num_bins: int = 256
-) -> torch.Tensor:
-    """log p(x) of data in [-1, 1] quantized to `num_bins` levels under N(means, e^{2 log_scales}) (section 3.3, Ho).
-
-    The edge bins take the whole tail, so the probabilities of all bins sum to one. All inputs: [N, ...] -> [N, ...]
-    in nats.
-    """
-    half_bin = 1.0 / (num_bins - 1)
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + half_bin))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - half_bin))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    edge = 1.0 - 1e-3  # the outermost bins of data in [-1, 1] sit at ±1
-    return torch.where(x < -edge, log_cdf_plus, torch.where(x > edge, log_one_minus_cdf_min, log_cdf_delta))
-
-
-def gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """Continuous log N(x; means, e^{2 log_scales}) elementwise, in nats (a decoder for continuous data)."""
-    return -0.5 * math.log(2 * math.pi) - log_scales - 0.5 * ((x - means) * torch.exp(-log_scales)) ** 2
-
-
-def nats_to_bits_per_dim(nats_per_dim: torch.Tensor) -> torch.Tensor:
-    """Convert a mean negative log-likelihood in nats per dimension to bits per dimension."""
-    return nats_per_dim / math.log(2.0)
 
 
 # --- one process over one schedule -----------------------------------------------------------------------------------
@@ -370,6 +373,17 @@ class GaussianDiffusion:
         variance = _cast(self._at(self.posterior_variance, t, x_t), x_t)
         log_variance = _cast(self._at(self.posterior_log_variance_clipped, t, x_t), x_t)
         return mean, variance, log_variance
+
+    def analytic_variance(
+        self, gamma: torch.Tensor, eta: float = 1.0, data_half_range: float | None = None
+    ) -> torch.Tensor:
+        """σ*² of every step of this process, float64 [T'] (`analytic_variance`, Bao, Theorem 1-2).
+
+        gamma: Γ at this process's steps, [T']; the family's λ² = η² β̃ (η = 1: the DDPM posterior noise).
+        """
+        gamma = torch.as_tensor(gamma, dtype=torch.float64)
+        lambda2 = eta**2 * self.posterior_variance
+        return analytic_variance(self.alphas_cumprod, self.alphas_cumprod_prev, lambda2, gamma, data_half_range)
 
     def model_log_variance(
         self, t: torch.Tensor, variance_type: str, like: torch.Tensor, var_values: torch.Tensor | None = None

@@ -8,19 +8,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..diffusion import (
     GaussianDiffusion,
     check_prediction_type,
+    pixel_noise_variance_bound,
     q_sample,
     v_from_x0_eps,
 )
 from ..loading import check_local_component
-from ..schedules import make_betas
+from ..schedules import diffusers_schedule_keys, make_betas
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# diffusers' schedulers that take our configs with `from_config` (DPM-Solver, UniPC, Euler, ...), and ours: the keys
+# they read are not reported as unexpected when their configs come back to us.
+COMPATIBLE_SCHEDULERS = [s.name for s in KarrasDiffusionSchedulers] + ["DDPMPosteriorScheduler", "DDIMPosteriorScheduler"]
+CALIBRATE_COMMAND = "python -m hf_ddpm.calibrate --model DIR --dataset DATASET --num_samples M"
 
 
 @dataclass
@@ -75,6 +80,8 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
 
     def _build(self) -> None:
         """Validate the registered config and build the process; called at the end of each subclass' __init__."""
+        # Keys diffusers' solvers read, so that `XScheduler.from_config(ours.config)` builds the same schedule.
+        self.register_to_config(**diffusers_schedule_keys(self.config))
         config = self.config
         check_prediction_type(config.prediction_type)
         if config.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -104,6 +111,7 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
             scale_with_timesteps=config.scale_betas_with_timesteps,
         )
         self.diffusion = GaussianDiffusion(betas)
+        self._check_analytic_config()
         # float32 views for code written against diffusers' schedulers (training scripts read these).
         self.betas = betas.float()
         self.alphas = 1.0 - self.betas
@@ -161,6 +169,7 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
         self._use_timesteps(spaced, device)
 
     def _use_timesteps(self, timesteps: np.ndarray, device: str | torch.device | None) -> None:
+        self._analytic_std = {}  # η -> σ* per sampling step, for these steps
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.sampling_diffusion = self.diffusion.respace(timesteps, self.final_alpha_cumprod)
         ascending = self.sampling_diffusion.timestep_map.tolist()
@@ -169,6 +178,56 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
         # Python floats: a step then costs no small-tensor arithmetic (see benchmarks/bench_schedulers.py).
         self._alpha_bar = self.sampling_diffusion.alphas_cumprod.tolist()
         self._alpha_bar_prev = self.sampling_diffusion.alphas_cumprod_prev.tolist()
+
+    # --- analytic variance (Bao et al. 2022) -------------------------------------------------------------------------
+
+    def _check_analytic_config(self) -> None:
+        """Validate `analytic_variance` / `analytic_gamma` / `analytic_noise_clip_pixels` and keep Γ as float64 [T]."""
+        config, T = self.config, self.config.num_train_timesteps
+        self._gamma = None
+        if config.analytic_gamma is not None:
+            gamma = np.asarray(config.analytic_gamma, dtype=np.float64)
+            if gamma.shape != (T,) or not np.isfinite(gamma).all() or (gamma < 0).any():
+                raise ValueError(
+                    f"analytic_gamma must hold {T} finite values >= 0 (Γ_t = E‖ε_θ(x_t, t)‖²/d for every training "
+                    f"timestep), got shape {gamma.shape}; recompute it with `{CALIBRATE_COMMAND}`."
+                )
+            self._gamma = torch.from_numpy(gamma)
+        pixels = config.analytic_noise_clip_pixels
+        if pixels is not None and not pixels > 0:
+            raise ValueError(f"analytic_noise_clip_pixels must be > 0 or None (no clipping), got {pixels!r}.")
+        if config.analytic_variance and self._gamma is None:
+            raise ValueError(
+                "analytic_variance=True needs the model's calibration `analytic_gamma` (Γ_t for every training "
+                f"timestep) in the scheduler config, and this config has none. Calibrate the model once with "
+                f"`{CALIBRATE_COMMAND}` (it writes analytic_gamma into the pipeline's scheduler config)."
+            )
+
+    def _analytic_data_half_range(self) -> float | None:
+        """r of data in [-r, r] for Theorem 2's bound: clipping or thresholding x̂_0 asserts it; else unbounded."""
+        if self.config.clip_sample:
+            return float(self.config.clip_sample_range)
+        return 1.0 if self.config.thresholding else None
+
+    def _analytic_noise_std(self, position: int, eta: float = 1.0) -> float:
+        """σ* of the sampling step at `position` for the family λ² = η² β̃ (0 at the last step, which adds no noise).
+
+        Computed for all current steps at the first call per η; the last noisy step (position 1) is also clipped to
+        `analytic_noise_clip_pixels` quantization bins (Bao et al. 2022, Appendix) when that is set.
+        """
+        stds = self._analytic_std.get(eta)
+        if stds is None:
+            process = self.sampling_diffusion
+            variance = process.analytic_variance(
+                self._gamma[process.timestep_map], eta, self._analytic_data_half_range()
+            )
+            variance[0] = 0.0
+            pixels = self.config.analytic_noise_clip_pixels
+            if pixels is not None and len(variance) > 1:
+                bound = pixel_noise_variance_bound(pixels, data_half_range=self._analytic_data_half_range() or 1.0)
+                variance[1] = min(float(variance[1]), bound)
+            stds = self._analytic_std[eta] = variance.sqrt().tolist()
+        return stds[position]
 
     def _step_position(self, timestep: int | torch.Tensor) -> int:
         t = int(timestep)

@@ -8,7 +8,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion import ddim_sigma, ddim_step, eps_from_x0, model_output_to_eps, model_output_to_x0, x0_from_eps
-from .base import PosteriorSchedulerBase, PosteriorSchedulerOutput
+from .base import COMPATIBLE_SCHEDULERS, PosteriorSchedulerBase, PosteriorSchedulerOutput
 
 
 def check_eta(eta: float) -> None:
@@ -24,10 +24,13 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
     `t - T // N`, which is off the list for `linspace` and for `trailing` when N does not divide T).
     `inverse_step` runs the deterministic (η = 0) map the other way, x_0 -> x_T.
 
-    Config keys are diffusers' `DDIMScheduler` keys; `scale_betas_with_timesteps` is new (see the DDPM scheduler).
+    Config keys are diffusers' `DDIMScheduler` keys; new keys (see the DDPM scheduler): `scale_betas_with_timesteps`,
+    and `analytic_variance` / `analytic_gamma` / `analytic_noise_clip_pixels`: with analytic variance the mean stays
+    DDIM's for the given η (direction √(1 - ᾱ_{t-1} - η² β̃) ε̂) and the noise is the optimal σ*² of that η family
+    (Bao et al. 2022, Theorem 1 with λ² = η² β̃), so it adds noise even at η = 0, as their Analytic-DDIM does.
     """
 
-    _compatibles = ["DDIMScheduler", "DDPMScheduler", "DDIMPosteriorScheduler", "DDPMPosteriorScheduler"]
+    _compatibles = COMPATIBLE_SCHEDULERS
     _final_alpha_cumprod_from_config = True
 
     @register_to_config
@@ -49,6 +52,9 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
         scale_betas_with_timesteps: bool = False,
+        analytic_variance: bool = False,
+        analytic_gamma: list[float] | None = None,
+        analytic_noise_clip_pixels: float | None = None,
     ):
         self._build()
 
@@ -71,7 +77,7 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
             sample: x_t, [N, C, H, W].
             eta: η ∈ [0, 1].
             use_clipped_model_output: recompute ε̂ from the clipped x̂_0, as the DDIM code does.
-            generator / variance_noise: the source of z when η > 0 (give one, not both).
+            generator / variance_noise: the source of z when η > 0, or with analytic variance (give one, not both).
         """
         check_eta(eta)
         if variance_noise is not None and generator is not None:
@@ -87,14 +93,17 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
         if use_clipped_model_output:
             pred_eps = eps_from_x0(sample, pred_x0, alpha_bar)
         sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
+        noise_std = self._analytic_noise_std(position, eta) if self.config.analytic_variance else sigma
         noise = None
-        if eta > 0:
+        if (noise_std > 0) if self.config.analytic_variance else (eta > 0):  # diffusers draws z whenever η > 0
             noise = variance_noise
             if noise is None:
                 noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
-        prev_sample = ddim_step(pred_x0, pred_eps, alpha_bar_prev, sigma, noise)
+        prev_sample = ddim_step(pred_x0, pred_eps, alpha_bar_prev, sigma)
+        if noise is not None:
+            prev_sample = prev_sample.add_(noise, alpha=noise_std)
         if not return_dict:
             return prev_sample, pred_x0
         return PosteriorSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_x0)

@@ -15,7 +15,7 @@ from ..diffusion import (
     model_output_to_x0,
     posterior_mean,
 )
-from .base import PosteriorSchedulerBase, PosteriorSchedulerOutput
+from .base import COMPATIBLE_SCHEDULERS, PosteriorSchedulerBase, PosteriorSchedulerOutput
 
 
 class DDPMPosteriorScheduler(PosteriorSchedulerBase):
@@ -29,13 +29,20 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
         corrector_steps: Langevin corrector steps per timestep (Song et al. 2021, predictor-corrector); 0 is off.
             The pipeline runs them, since each needs a network evaluation (`langevin_step`).
         corrector_snr: the corrector's signal-to-noise ratio r, which sets its step size.
+        analytic_variance: sample with the optimal reverse variance σ*² of each (respaced) step instead of
+            `variance_type`'s fixed one (Bao et al. 2022, Analytic-DPM; `diffusion.analytic_variance` with λ² = β̃).
+            Needs `analytic_gamma`.
+        analytic_gamma: the model's calibration, Γ_t = E‖ε_θ(x_t, t)‖²/d for every training timestep ([T] floats),
+            written by `python -m hf_ddpm.calibrate`; saved with the config, so it travels with the model.
+        analytic_noise_clip_pixels: with analytic variance, clip the last noisy step's σ* so that its noise moves a
+            pixel by at most this many 8-bit levels on average (Bao et al. use 1-2 for image samples); None: off.
 
     `variance_type`: fixed_small (β̃_t), fixed_large (β_t), their `_log` forms (the same distribution, computed in
     log space), learned (the network's second half is σ²) and learned_range (it interpolates log β̃_t and log β_t of
     the respaced step; Nichol & Dhariwal 2021, eq. 15).
     """
 
-    _compatibles = ["DDPMScheduler", "DDIMScheduler", "DDPMPosteriorScheduler", "DDIMPosteriorScheduler"]
+    _compatibles = COMPATIBLE_SCHEDULERS
 
     @register_to_config
     def __init__(
@@ -58,8 +65,16 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
         scale_betas_with_timesteps: bool = False,
         corrector_steps: int = 0,
         corrector_snr: float = 0.16,
+        analytic_variance: bool = False,
+        analytic_gamma: list[float] | None = None,
+        analytic_noise_clip_pixels: float | None = None,
     ):
         check_variance_type(variance_type)
+        if analytic_variance and variance_type in LEARNED_VARIANCE_TYPES:
+            raise ValueError(
+                f"analytic_variance replaces a fixed variance; it cannot be combined with the learned "
+                f"variance_type {variance_type!r} (allowed: fixed_small, fixed_small_log, fixed_large, fixed_large_log)."
+            )
         if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 0:
             raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
         if not corrector_snr > 0:
@@ -76,6 +91,8 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
             self._std = torch.exp(0.5 * log_variance).flatten().tolist()
 
     def _noise_std(self, position: int, var_values: torch.Tensor | None, like: torch.Tensor) -> float | torch.Tensor:
+        if self.config.analytic_variance:
+            return self._analytic_noise_std(position)
         if self.config.variance_type not in LEARNED_VARIANCE_TYPES:
             return self._std[position]
         t = torch.full((like.shape[0],), position, dtype=torch.long, device=like.device)
