@@ -3,14 +3,13 @@
 Importing the package registers it with diffusers, so `DiffusionPipeline.from_pretrained` loads hf_ddpm pipelines.
 """
 
+from ._version import __version__ as __version__  # the one place: _version.py (pyproject reads it too)
 from .diffusion import GaussianDiffusion
 from .models import DDPMUNet, DDPMUNetOutput
 from .pipeline import HFDDPMPipeline, HFDDPMPipelineOutput
 from .registration import register_with_diffusers
 from .schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler, PosteriorSchedulerOutput
 from .schedules import make_betas, rescale_zero_terminal_snr
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DDIMPosteriorScheduler",
