@@ -7,7 +7,8 @@ Names follow diffusers' `beta_schedule` strings so configs move between the two 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,20 @@ BETA_SCHEDULES = (
 )
 
 BetaFunction = Callable[[int], float]
+
+# The schedules every diffusers scheduler builds by name (DDPM, DDIM, DPM-Solver, UniPC, DEIS, Euler, Heun, LMS), and
+# the name each of ours goes by there; any other schedule reaches them as `trained_betas`.
+DIFFUSERS_SCHEDULE_NAMES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "quadratic": "scaled_linear",
+    "squaredcos_cap_v2": "squaredcos_cap_v2",
+    "cosine": "squaredcos_cap_v2",
+}
+# The cosine schedule's last step (β capped at 0.999) drives λ_t = log(α_t / σ_t) down to about -10, where the data
+# prediction x̂_0 = (x_t - σ_t ε̂) / α_t amplifies the model's error ~10⁴-fold. DPM-Solver's author clips λ at -5.1,
+# just below the linear schedule's λ_T = -5.02 (diffusers PR #3314, its `lambda_min_clipped`).
+COSINE_LAMBDA_MIN_CLIPPED = -5.1
 
 
 def _alpha_bar_cosine(t: float, s: float = 0.008) -> float:
@@ -84,6 +99,38 @@ def _named_betas(
     raise ValueError(
         f"Unknown beta_schedule {schedule!r}; allowed: {', '.join(BETA_SCHEDULES)}, or a callable t -> β."
     )
+
+
+def diffusers_schedule_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys to add or update so that diffusers' schedulers, given this scheduler config with plain
+    `from_config`, build the same β schedule and sample it as their docs advise. Each key keeps diffusers' meaning,
+    and the β schedule the config describes is unchanged:
+
+    - our aliases become diffusers' names (`cosine` -> `squaredcos_cap_v2`, `quadratic` -> `scaled_linear`);
+    - a schedule diffusers' solvers do not build (`sigmoid`, `laplace`, `constant`, or any range rescaled by
+      `scale_betas_with_timesteps`) is also written as its `trained_betas` (before any zero-terminal-SNR rescale,
+      which both libraries apply on top);
+    - the cosine schedule gets DPM-Solver's `lambda_min_clipped` unless the config sets one (or rescales to zero
+      terminal SNR, which asks for the full λ range).
+
+    Returns {} for `trained_betas` configs, which diffusers reads already.
+    """
+    schedule, T = config["beta_schedule"], config["num_train_timesteps"]
+    if config.get("trained_betas") is not None or callable(schedule):
+        return {}
+    name = DIFFUSERS_SCHEDULE_NAMES.get(schedule)
+    rescaled_range = config.get("scale_betas_with_timesteps") and T != 1000 and name != "squaredcos_cap_v2"
+    keys: dict[str, Any] = {}
+    if name is None or rescaled_range:
+        scale = bool(config.get("scale_betas_with_timesteps"))
+        betas = make_betas(schedule, T, config["beta_start"], config["beta_end"], scale_with_timesteps=scale)
+        keys["trained_betas"] = betas.tolist()
+    elif name != schedule:
+        keys["beta_schedule"] = name
+    cosine = name == "squaredcos_cap_v2"
+    if cosine and "lambda_min_clipped" not in config and not config.get("rescale_betas_zero_snr"):
+        keys["lambda_min_clipped"] = COSINE_LAMBDA_MIN_CLIPPED
+    return keys
 
 
 def make_betas(

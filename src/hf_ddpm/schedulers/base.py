@@ -24,7 +24,10 @@ from ..schedules import diffusers_schedule_keys, make_betas
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' schedulers that take our configs with `from_config` (DPM-Solver, UniPC, Euler, ...), and ours: the keys
 # they read are not reported as unexpected when their configs come back to us.
-COMPATIBLE_SCHEDULERS = [s.name for s in KarrasDiffusionSchedulers] + ["DDPMPosteriorScheduler", "DDIMPosteriorScheduler"]
+COMPATIBLE_SCHEDULERS = [s.name for s in KarrasDiffusionSchedulers] + [
+    "DDPMPosteriorScheduler",
+    "DDIMPosteriorScheduler",
+]
 CALIBRATE_COMMAND = "python -m hf_ddpm.calibrate --model DIR --dataset DATASET --num_samples M"
 
 
