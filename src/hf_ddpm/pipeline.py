@@ -11,23 +11,30 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import check_compile, compile_kwargs
 from .diffusion import LEARNED_VARIANCE_TYPES
-from .schedulers import DDIMPosteriorScheduler
+from .schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler
 
 LIBRARY_NAME = "hf_ddpm"
 OUTPUT_TYPES = ("pil", "np", "pt")
+# Schedulers whose step reads a learned variance from the second half of the model output; every other one (DDIM,
+# the ODE/SDE solvers, DPMSolver's fixed `[:, :3]` slice) gets the ε / x_0 / v half only.
+_READS_LEARNED_VARIANCE = (DDPMPosteriorScheduler, DDPMScheduler, DDPMParallelScheduler)
 
 
 @dataclass
 class TrajectoryStep(BaseOutput):
-    """One recorded denoising step: the timestep, x_t before the step and the model's x̂_0 (CPU tensors)."""
+    """One recorded denoising step: the timestep, x_t before the step and the model's x̂_0 (CPU tensors).
 
-    timestep: int
+    `sample` is the latent as the scheduler holds it: x_t for DDPM/DDIM and the DPM-Solver family, x_t·√(σ² + 1) for
+    the σ-space schedulers (Euler, Heun, LMS). `timestep` is an int, or a float for schedulers with fractional ones.
+    """
+
+    timestep: int | float
     sample: torch.Tensor
     pred_original_sample: torch.Tensor | None
 
@@ -116,9 +123,10 @@ class HFDDPMPipeline(DiffusionPipeline):
         # In the latents' dtype: under autocast the U-Net returns bf16/fp16, the scheduler's math stays in float32.
         output = self.unet(sample, t).sample.to(sample.dtype)
         channels = sample.shape[1]
-        # Our schedulers split a learned variance themselves; diffusers' take it only for learned variance types.
+        # Our DDIM splits a learned variance itself; the DDPM steps read it for learned variance types only.
         keeps_variance = isinstance(self.scheduler, DDIMPosteriorScheduler) or (
-            self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+            isinstance(self.scheduler, _READS_LEARNED_VARIANCE)
+            and self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
         )
         if output.shape[1] == 2 * channels and not keeps_variance:
             output = output[:, :channels]
@@ -194,13 +202,20 @@ class HFDDPMPipeline(DiffusionPipeline):
             eta: DDIM's η (0 deterministic, 1 DDPM-like); a scheduler without η warns if it is not 0.
             output_type: "pil", "np" ([N, H, W, C] in [0, 1]) or "pt" ([N, C, H, W] in [0, 1]).
             timesteps: explicit descending timesteps instead of `num_inference_steps`.
-            latents: the initial x_T, [N, C, H, W] (e.g. from `invert`); drawn from N(0, I) when None.
+            latents: the initial noise, [N, C, H, W] (e.g. x_T from `invert`); drawn from N(0, I) when None. Like
+                diffusers' pipelines, it is multiplied by the scheduler's `init_noise_sigma` (1 for DDPM/DDIM).
             corrector_steps: Langevin corrector steps per timestep (DDPM scheduler); None uses its config.
             use_clipped_model_output: passed to DDIM schedulers.
-            return_trajectory: also return x_t and x̂_0 every `trajectory_every` steps (and at the last step).
-            callback_on_step_end: `fn(pipe, i, t, tensors) -> dict` after each step, which may replace the latents;
-                `tensors` holds the names in `callback_on_step_end_tensor_inputs`: "latents" (x_{t-1}) and/or
-                "pred_original_sample" (this step's x̂_0, None if the scheduler gives none).
+            return_trajectory: also return x_t and x̂_0 every `trajectory_every` entries of `scheduler.timesteps`
+                (and at the last one).
+            callback_on_step_end: `fn(pipe, i, t, tensors) -> dict` after each `scheduler.step`, which may replace
+                the latents; `tensors` holds the names in `callback_on_step_end_tensor_inputs`: "latents" (x_{t-1})
+                and/or "pred_original_sample" (this step's x̂_0, None if the scheduler gives none).
+
+        Any diffusers scheduler works, e.g. `pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config)`: the loop runs over `scheduler.timesteps` as diffusers' pipelines do, one U-Net call per
+        entry (a second-order scheduler such as Heun lists each timestep twice), with `scale_model_input` before
+        the U-Net; `i` counts those entries and the progress bar counts the `num_inference_steps` steps.
         """
         if timesteps is not None:
             num_inference_steps = None
@@ -219,45 +234,41 @@ class HFDDPMPipeline(DiffusionPipeline):
                 stacklevel=2,
             )
         corrector_steps = self._corrector_steps(corrector_steps)
-        if latents is None:
-            latents = randn_tensor(
-                self._sample_shape(batch_size),
-                generator=generator,
-                device=self._execution_device,
-                dtype=self.unet.dtype,
-            )
-        else:
-            latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
-        if timesteps is None:
-            self.scheduler.set_timesteps(num_inference_steps)
-        elif "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            self.scheduler.set_timesteps(timesteps=list(timesteps))
-        else:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} does not take explicit timesteps; pass num_inference_steps."
-            )
+        self._set_timesteps(num_inference_steps, timesteps)
+        # After set_timesteps: σ-space schedulers (Euler, Heun, LMS) set init_noise_sigma from their σ_max there.
+        latents = self._initial_noise(batch_size, generator, latents) * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta, use_clipped_model_output)
         trajectory: list[TrajectoryStep] | None = [] if return_trajectory else None
-        last = len(self.scheduler.timesteps) - 1
+        schedule = self.scheduler.timesteps
+        last, order = len(schedule) - 1, self.scheduler.order
+        # diffusers' rule: a multistep scheduler lists N steps; Heun-like ones list `order` U-Net calls per step.
+        num_steps = self.scheduler.num_inference_steps or len(schedule)
+        warmup = max(len(schedule) - num_steps * order, 0)
         # The U-Net gets the timesteps on its device, copied once: a CPU timestep per call would be a blocking
         # host-to-GPU copy, a host sync per step. The scheduler keeps its own (CPU) timesteps.
-        unet_timesteps = torch.as_tensor(self.scheduler.timesteps).to(latents.device)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            for _ in range(corrector_steps):
-                latents = self.scheduler.langevin_step(
-                    self._model_output(latents, unet_timesteps[i]), t, latents, generator=generator
+        unet_timesteps = torch.as_tensor(schedule).to(latents.device)
+        with self.progress_bar(total=num_steps) as progress:
+            for i, t in enumerate(schedule):
+                for _ in range(corrector_steps):
+                    latents = self.scheduler.langevin_step(
+                        self._model_output(latents, unet_timesteps[i]), t, latents, generator=generator
+                    )
+                model_input = self.scheduler.scale_model_input(latents, t)
+                output = self.scheduler.step(
+                    self._model_output(model_input, unet_timesteps[i]), t, latents, **step_kwargs
                 )
-            output = self.scheduler.step(self._model_output(latents, unet_timesteps[i]), t, latents, **step_kwargs)
-            if trajectory is not None and (i % trajectory_every == 0 or i == last):
-                x0 = output.pred_original_sample
-                trajectory.append(
-                    TrajectoryStep(int(t), latents.float().cpu(), None if x0 is None else x0.float().cpu())
-                )
-            latents = output.prev_sample
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "pred_original_sample": output.pred_original_sample}
-                values = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                latents = callback_on_step_end(self, i, t, values).get("latents", latents)
+                x0 = getattr(output, "pred_original_sample", None)
+                if trajectory is not None and (i % trajectory_every == 0 or i == last):
+                    trajectory.append(
+                        TrajectoryStep(t.item(), latents.float().cpu(), None if x0 is None else x0.float().cpu())
+                    )
+                latents = output.prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "pred_original_sample": x0}
+                    values = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, i, t, values).get("latents", latents)
+                if i == last or (i + 1 > warmup and (i + 1) % order == 0):
+                    progress.update()
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -276,8 +287,26 @@ class HFDDPMPipeline(DiffusionPipeline):
             )
         return int(corrector_steps)
 
+    def _set_timesteps(self, num_inference_steps: int | None, timesteps: Sequence[int] | None) -> None:
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps)
+        elif "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            self.scheduler.set_timesteps(timesteps=list(timesteps))
+        else:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} does not take explicit timesteps; pass num_inference_steps."
+            )
+
+    def _initial_noise(self, batch_size: int, generator: Any, latents: torch.Tensor | None) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(device=self._execution_device, dtype=self.unet.dtype)
+        shape = self._sample_shape(batch_size)
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+
     def _step_kwargs(self, generator: Any, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"generator": generator}
+        kwargs: dict[str, Any] = {}
+        if self._scheduler_takes("generator"):  # Heun, LMS, UniPC, DEIS, ... have none
+            kwargs["generator"] = generator
         if self._scheduler_takes("eta"):
             kwargs["eta"] = eta
         if use_clipped_model_output is not None and self._scheduler_takes("use_clipped_model_output"):
