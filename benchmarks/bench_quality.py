@@ -42,7 +42,7 @@ from diffusers_recipe import train_unconditional_recipe
 
 from hf_ddpm import DDPMPosteriorScheduler, HFDDPMPipeline
 from hf_ddpm.data import digits_dataset, prepare_dataset
-from hf_ddpm.evaluate import evaluate_pipeline, generate, real_images
+from hf_ddpm.evaluator import EvalConfig, evaluate_pipeline, generate, real_images
 from hf_ddpm.fid import DigitsClassifierExtractor, FeatureStats, digits_halves, real_vs_real_floor
 
 DDIM_STEPS = (10, 20, 50, 100)
@@ -116,7 +116,8 @@ def sample_model(
     reference = FeatureStats.from_features(extractor.extract(digits_halves()[0]))
     rows = sampler_table(pipe, reference, extractor, num_samples, ddim_steps, ddpm_steps, seeds, label)
     size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
-    bpd = evaluate_pipeline(pipe, real_images(None, size, channels, num_samples), ["bpd"], num_samples=num_samples)
+    config = EvalConfig(metrics=["bpd"], num_samples=num_samples)
+    bpd = evaluate_pipeline(pipe, real_images(None, size, channels, num_samples), config)
     return {"samplers": rows, "bpd": bpd["bpd"], "bpd_stderr": bpd["bpd_stderr"]}
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hf_ddpm import DDIMPosteriorScheduler, DDPMUNet, HFDDPMPipeline
-from hf_ddpm.evaluate import evaluate_pipeline, main
+from hf_ddpm.evaluate import main
+from hf_ddpm.evaluator import EvalConfig, evaluate_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def test_cli_prints_one_json_line(tiny_pipeline_dir, capsys):
 def test_bad_metric_and_scheduler(tiny_pipeline_dir):
     real = torch.zeros(4, 1, 8, 8)
     with pytest.raises(ValueError, match=r"Unknown metrics \['is'\]; allowed: bpd, fid"):
-        evaluate_pipeline(None, real, ["is"])
+        evaluate_pipeline(None, real, EvalConfig(["is"]))
     with pytest.raises(ValueError, match="Unknown scheduler 'euler'"):
-        evaluate_pipeline(None, real, ["bpd"], scheduler="euler")
+        evaluate_pipeline(None, real, EvalConfig(["bpd"], scheduler="euler"))
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_pipeline_dir), "--scheduler", "euler"])

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import accelerate_launch, tiny_unet
-from test_training import one_thread, run_train, tiny_args, train_cmd, write_image_folder  # noqa: F401 - a fixture
+from helpers import accelerate_launch, run_train, tiny_args, tiny_unet, train_cmd, write_image_folder
 
 from hf_ddpm import DDPMPosteriorScheduler, HFDDPMPipeline
-from hf_ddpm.evaluate import Evaluator, Shard
+from hf_ddpm.evaluator import EvalConfig, Evaluator, Shard
 from hf_ddpm.training import TrainingInputError, parse_args, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_reach_the_history_the_card_and_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -109,9 +110,10 @@ def test_shards_split_the_budget() -> None:
     pipe.set_progress_bar_config(disable=True)
     real = torch.rand(11, 1, 8, 8) * 2 - 1
     sent: list = []
-    second = Evaluator(real, num_samples=11, steps=2, shard=Shard(1, 2, lambda obj: sent.append(obj) or []))
+    config = EvalConfig(num_samples=11, steps=2)
+    second = Evaluator(real, config, shard=Shard(1, 2, lambda obj: sent.append(obj) or []))
     assert second(pipe) is None
-    first = Evaluator(real, num_samples=11, steps=2, shard=Shard(0, 2, lambda obj: [obj, *sent]))
+    first = Evaluator(real, config, shard=Shard(0, 2, lambda obj: [obj, *sent]))
     result = first(pipe)
     assert (result["bpd_images"], result["fid_samples"], result["digits"]["count"]) == (11, 11, 11)
     assert len(sent[0]["features"]) == len(sent[0]["real_features"]) == len(sent[0]["bpd"]["total"]) == 6

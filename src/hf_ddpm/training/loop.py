@@ -48,7 +48,7 @@ from ..data import (
     set_epoch,
     shard_stream,
 )
-from ..evaluate import Evaluator
+from ..evaluator import Evaluator
 from ..losses import training_losses
 from ..models.unet import DDPMUNet
 from ..pipeline import HFDDPMPipeline

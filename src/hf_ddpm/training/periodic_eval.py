@@ -1,5 +1,5 @@
-"""`--eval_steps`: the `Evaluator` of `python -m hf_ddpm.evaluate` (bits/dim, FID) with a small budget, shared
-by every process (each on its share of the images and samples, gathered on the main process).
+"""`--eval_steps`: the `Evaluator` of `python -m hf_ddpm.evaluate` (bits/dim, FID; `hf_ddpm.evaluator`) with a small
+budget, shared by every process (each on its share of the images and samples, gathered on the main process).
 
 The real images are the first `--eval_num_samples` rows of the training data, unaugmented (center crop, no flip),
 loaded once per run; FID's statistics of them are computed once (and cached on disk, keyed by their hash).
@@ -13,7 +13,8 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from ..evaluate import METRICS, Evaluator, Shard, check_features, first_images
+from ..evaluator import METRICS, EvalConfig, Evaluator, Shard, first_images
+from ..fid import ExtractorUnavailableError, check_features
 
 NO_METRICS = "none"
 
@@ -75,16 +76,22 @@ def build_evaluator(
     metrics = eval_metrics(args)
     if not args.eval_steps or not metrics:
         return None
-    from ..fid import ExtractorUnavailableError
-
     real = first_images(dataset, args.resolution, channels, args.eval_num_samples, image_column)
     name = "digits:train" if builtin_digits(args) else (args.dataset_name or args.train_data_dir)
     shard = Shard(accelerator.process_index, accelerator.num_processes, lambda obj: gather_object([obj]))
+    config = EvalConfig(
+        metrics=metrics,
+        num_samples=args.eval_num_samples,
+        scheduler="ddim",
+        steps=args.eval_sample_steps,
+        eta=0.0,
+        features=eval_features(args) or "",
+        dataset_key=f"{name}@{args.resolution}",
+        bpd_mode=args.eval_bpd_mode,
+        seed=args.seed,
+    )
     try:
-        return Evaluator(
-            real, metrics, args.eval_num_samples, "ddim", args.eval_sample_steps, 0.0, eval_features(args) or "",
-            f"{name}@{args.resolution}", args.eval_bpd_mode, args.seed, shard, accelerator.device,
-        )  # fmt: skip
+        return Evaluator(real, config, shard=shard, device=accelerator.device)
     except ExtractorUnavailableError as err:
         raise ValueError(f"--eval_features {eval_features(args)}: {err}") from err
 
