@@ -8,7 +8,7 @@ a stratified sample of t and reports its standard error. All terms come from `di
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,17 +66,27 @@ def vlb_terms_at(
     generator: torch.Generator | None = None,
     decoder: Literal["discretized", "gaussian"] = "discretized",
     clip_denoised: bool = True,
+    model_variance: float | None = None,
 ) -> torch.Tensor:
-    """L_{t-1} (or L_0 at t = 0) for every image at one timestep, in nats/dim: x0 [N, C, H, W] -> [N]."""
+    """L_{t-1} (or L_0 at t = 0) for every image at one timestep, in nats/dim: x0 [N, C, H, W] -> [N].
+
+    `t_value` indexes `process`; a respaced process (`GaussianDiffusion.respace`) calls the model with the training
+    timestep of that step. `model_variance` replaces the reverse step's variance (e.g. the analytic σ*²).
+    """
     t = torch.full((x0.shape[0],), t_value, dtype=torch.long, device=x0.device)
     # Drawn where the generator lives, so that a CPU generator serves a GPU model (and gives the same noise).
     where = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=where).to(x0.device)
     x_t = process.q_sample(x0, t, noise)
     model_input_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else x0.dtype
-    output = _model_output(model, x_t.to(model_input_dtype), t).to(x0.dtype)
+    timestep_map = getattr(process, "timestep_map", None)
+    model_t = t if timestep_map is None else timestep_map.to(t.device)[t]
+    output = _model_output(model, x_t.to(model_input_dtype), model_t).to(x0.dtype)
     out = process.p_mean_variance(output, x_t, t, prediction_type, variance_type, clip_denoised=clip_denoised)
-    return process.vlb_term(x0, x_t, t, out["mean"], out["log_variance"], decoder=decoder)
+    log_variance = out["log_variance"]
+    if model_variance is not None:
+        log_variance = torch.full_like(log_variance, math.log(model_variance))
+    return process.vlb_term(x0, x_t, t, out["mean"], log_variance, decoder=decoder)
 
 
 def _strata(num_timesteps: int, num_strata: int) -> list[tuple[int, int]]:
@@ -176,4 +186,66 @@ def dataset_bits_per_dim(
         decoder=torch.cat([r.decoder for r in results]),
         terms=term_means,
         stderr=torch.cat([r.stderr for r in results]),
+    )
+
+
+@torch.no_grad()
+def respaced_bits_per_dim(
+    model: Model,
+    process: GaussianDiffusion,
+    x0: torch.Tensor,
+    timesteps: Sequence[int],
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    analytic_gamma: torch.Tensor | Sequence[float] | None = None,
+    data_half_range: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    decoder: Literal["discretized", "gaussian"] = "discretized",
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> BitsPerDim:
+    """The variational bound of the K-step process over `timesteps` (K training timesteps, any order) in bits/dim,
+    for one batch x0 ([N, C, H, W]): Bao et al. 2022's NLL against K (their Table 1).
+
+    L = L_K + Σ_{k≥1} KL(q(x_{t_{k-1}} | x_{t_k}, x_0) ‖ p(x_{t_{k-1}} | x_{t_k})) + L_0, every term exact over k.
+    The reverse variance is `variance_type`'s fixed one of each respaced step or, given the model's calibration
+    `analytic_gamma` (Γ for every timestep of `process`, [T]), the optimal σ*² (`GaussianDiffusion.analytic_variance`
+    with λ² = β̃, bounded for data in [-r, r] by `data_half_range` r; None: unbounded data). The decoder L_0 keeps the
+    fixed variance in both cases, as in Bao et al.'s likelihood code, so the two bounds differ only in their KL terms;
+    pass the same seeded `generator` state to compare them on the same noise. `terms` is indexed by step k ([K]).
+    """
+    respaced = process.respace(timesteps)
+    K = respaced.num_timesteps
+    variances = [None] * K
+    if analytic_gamma is not None:
+        gamma = torch.as_tensor(analytic_gamma, dtype=torch.float64)
+        if gamma.shape != (process.num_timesteps,):
+            raise ValueError(
+                f"analytic_gamma must hold {process.num_timesteps} values (one per timestep), got {tuple(gamma.shape)}."
+            )
+        variances = [None] + respaced.analytic_variance(gamma[respaced.timestep_map], 1.0, data_half_range)[
+            1:
+        ].tolist()
+    kwargs = dict(generator=generator, decoder=decoder, clip_denoised=clip_denoised)
+    terms = torch.empty(K, dtype=torch.float64)
+    sum_nats = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    decoder_nats = sum_nats
+    for k in tqdm(range(K), disable=not progress, desc=f"bits/dim ({K} steps)"):
+        values = vlb_terms_at(
+            model, respaced, x0, k, prediction_type, variance_type, **kwargs, model_variance=variances[k]
+        )
+        values = values.double()
+        terms[k] = values.mean()
+        if k == 0:
+            decoder_nats = values
+        else:
+            sum_nats = sum_nats + values
+    prior = respaced.prior_kl(x0.double()).to(sum_nats.device)
+    total = prior + sum_nats + decoder_nats
+    return BitsPerDim(
+        total=nats_to_bits_per_dim(total).cpu(),
+        prior=nats_to_bits_per_dim(prior).cpu(),
+        decoder=nats_to_bits_per_dim(decoder_nats).cpu(),
+        terms=nats_to_bits_per_dim(terms),
+        stderr=torch.zeros(x0.shape[0], dtype=torch.float64),
     )
