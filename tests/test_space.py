@@ -50,8 +50,11 @@ def _closed_port() -> int:
 
 
 @contextmanager
-def running_space(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `python spaces/hf-ddpm/app.py` on 127.0.0.1 and a free port; yield its URL; stop it afterwards.
+def running_space(
+    tmp_path: Path, env: dict[str, str] | None = None, app: Path = SPACE_DIR / "app.py", python: str = sys.executable
+) -> Iterator[str]:
+    """Start `python spaces/hf-ddpm/app.py` (or `python app`) on 127.0.0.1 and a free port; yield its URL; stop it
+    afterwards. A given `app` runs in its own folder, as on a Space.
 
     The URL is read from the app's own "Running on" line: Gradio silently moves to the next port if the chosen one
     was taken in between.
@@ -69,7 +72,11 @@ def running_space(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator
     log_path = tmp_path / "space.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(SPACE_DIR / "app.py")], cwd=REPO_ROOT, env=child_env, stdout=log, stderr=log
+            [python, str(app)],
+            cwd=REPO_ROOT if app == SPACE_DIR / "app.py" else app.parent,
+            env=child_env,
+            stdout=log,
+            stderr=log,
         )
     try:
         deadline, url = time.monotonic() + STARTUP_TIMEOUT, None
@@ -342,13 +349,13 @@ def test_front_matter_and_requirements():
     for key in ("title", "emoji", "colorFrom", "colorTo", "short_description", "models", "tags"):
         assert data.get(key), key
     assert data.get("pinned") is False and len(data.short_description) <= 60
-    requirements = [
-        Requirement(line.split("#")[0])
-        for line in (SPACE_DIR / "requirements.txt").read_text().splitlines()
-        if line.split("#")[0].strip()
-    ]
+    from hf_ddpm.space_deploy import package_requirements
+
+    # What the deploy writes into the Space's requirements.txt (the package is vendored, Gradio is sdk_version's).
+    requirements = [Requirement(line) for line in package_requirements()]
     names = {r.name.lower() for r in requirements}
-    assert "gradio" not in names and "hf-ddpm" in names
+    assert "gradio" not in names and "hf-ddpm" not in names
+    assert {"torch", "diffusers", "matplotlib", "scikit-learn"} <= names  # app, pipeline, plots, built-in digits
     for requirement in requirements:  # every pin holds for what the tests ran with
         assert requirement.specifier.contains(metadata.version(requirement.name), prereleases=True), requirement
     model_files = {
@@ -374,6 +381,7 @@ def test_deploys_to_the_hub_and_passes_its_yaml_check(hub_server, tmp_path):
     space_deploy.deploy_space("hf-ddpm-test/hf-ddpm", folder)  # again: exist_ok, a second commit
     files = set(HfApi().list_repo_files("hf-ddpm-test/hf-ddpm", repo_type="space"))
     assert {"app.py", "ddpm_space.py", "README.md", "requirements.txt", "model/model_index.json"} <= files
+    assert {"hf_ddpm/__init__.py", "hf_ddpm/_version.py", "hf_ddpm/pipeline.py"} <= files  # vendored
     assert "model/unet/diffusion_pytorch_model.safetensors" in files
     assert not any("__pycache__" in name for name in files)
     assert ("POST", "/api/validate-yaml") in hub_server.request_log  # upload_folder had the README checked
@@ -384,7 +392,7 @@ def test_deploys_to_the_hub_and_passes_its_yaml_check(hub_server, tmp_path):
     SpaceCard.load(SPACE_DIR / "README.md").validate(repo_type="space")
     with pytest.raises(ValueError, match="lists 'gradio"):
         (folder / "requirements.txt").write_text("gradio==6.31.0\n")
-        space_deploy.check_space_folder(folder)
+        space_deploy.deploy_space("hf-ddpm-test/hf-ddpm", folder)
 
 
 def test_bundled_model_is_the_digits_recipe(bundled) -> None:
