@@ -78,13 +78,17 @@ def configure_torch(threads: int | None = None) -> None:
 def load_pipeline(source: str | os.PathLike | None = None) -> tuple[HFDDPMPipeline, str]:
     """Load the pipeline to serve: `source` (a Hub repo id or a local folder), else the bundled digits model.
 
-    Returns `(pipeline, notice)`; `notice` is Markdown saying why `source` could not be loaded (the bundled model is
-    served instead), or "" when nothing went wrong.
+    `source` may be an hf_ddpm pipeline or a diffusers DDPMPipeline/DDIMPipeline such as `google/ddpm-cifar10-32`
+    (converted with `HFDDPMPipeline.from_diffusers`). Returns `(pipeline, notice)`; `notice` is Markdown saying why
+    `source` could not be loaded (the bundled model is served instead), or "" when nothing went wrong.
     """
+    from hf_ddpm.diffusers_repos import is_diffusers_ddpm_repo
+
     notice = ""
     if source:
         try:
-            return _ready(HFDDPMPipeline.from_pretrained(source)), notice
+            load = HFDDPMPipeline.from_diffusers if is_diffusers_ddpm_repo(source) else HFDDPMPipeline.from_pretrained
+            return _ready(load(source)), notice
         except Exception as err:  # noqa: BLE001 - any failure falls back; the reason is shown, the traceback logged
             logger.warning("could not load %s; serving the bundled model", source, exc_info=True)
             notice = (

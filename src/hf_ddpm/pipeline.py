@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import check_compile, compile_kwargs
+from .diffusers_repos import load_diffusers_ddpm_parts
 from .diffusion import LEARNED_VARIANCE_TYPES
 from .schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler
 
@@ -71,6 +73,18 @@ class HFDDPMPipeline(DiffusionPipeline):
     def __init__(self, unet: torch.nn.Module, scheduler: Any):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_diffusers(cls, repo_id_or_folder: str | os.PathLike, **hub_kwargs: Any) -> HFDDPMPipeline:
+        """Our pipeline from a diffusers `DDPMPipeline` / `DDIMPipeline` (e.g. `google/ddpm-cifar10-32`): its
+        `UNet2DModel` converted to a `DDPMUNet` with the same weights, its `DDPMScheduler` / `DDIMScheduler` as our
+        `DDPMPosteriorScheduler` / `DDIMPosteriorScheduler` with the same config.
+
+        `hub_kwargs`: `revision`, `cache_dir`, `token`, `local_files_only`. Raises ValueError for a repository that is
+        not such a pipeline or that cannot be converted (see `hf_ddpm.diffusers_repos`).
+        """
+        unet, scheduler = load_diffusers_ddpm_parts(repo_id_or_folder, **hub_kwargs)
+        return cls(unet=unet, scheduler=scheduler)
 
     # diffusers records a third-party component as its full module path (hf_ddpm.models.unet); loading looks the
     # library up as an attribute of diffusers.pipelines, where `import hf_ddpm` registers the package itself.
