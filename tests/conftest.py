@@ -1,4 +1,5 @@
-"""Session plumbing shared by all tests: an isolated Hugging Face environment and a local Hub server.
+"""Session plumbing shared by all tests: an isolated Hugging Face environment, a local Hub server, and the fixtures
+that several test modules use (importable helpers are in helpers.py).
 
 `huggingface_hub` reads `HF_ENDPOINT` (and the cache locations) when it is first imported, so the environment is set
 here, at conftest import time, before any test module imports it. Under pytest-xdist every worker imports this file
@@ -10,7 +11,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,13 +22,9 @@ if "huggingface_hub" in sys.modules:  # its endpoint would already point at the 
     raise pytest.UsageError("huggingface_hub was imported before tests/conftest.py could set HF_ENDPOINT")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from helpers import free_port  # noqa: E402 - imports nothing that reads the environment below
 
-
-HUB_PORT = _free_port()
+HUB_PORT = free_port()
 HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"
 _HF_HOME = tempfile.mkdtemp(prefix="hf-home-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
@@ -48,6 +44,7 @@ os.environ.update(
 )
 os.environ.pop("HF_HUB_OFFLINE", None)
 
+import torch  # noqa: E402
 from hub_server import HubServer  # noqa: E402 - needs nothing from the environment, but keep all imports after it
 
 
@@ -74,3 +71,17 @@ def fresh_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setattr(constants, "HF_HOME", str(home))
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, here and in child processes, for every test of a module that asks for it (with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): training runs are thousands of tiny ops, and with two
+    OpenMP threads on a busy 2-core machine every op waits at a barrier for a descheduled thread (20x slower).
+    Module-scoped so that module-scoped runs (fixtures that train once for several tests) get it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_unet
-from test_oracle import MEAN, STD, GaussianOracle, _variational_bound
+from helpers import MEAN, STD, GaussianOracle, oracle_variational_bound, tiny_unet
 
 from hf_ddpm import DDPMUNet
 from hf_ddpm.diffusion import GaussianDiffusion
@@ -96,7 +95,7 @@ def test_dataset_loop_gives_the_oracle_bound():
     nats = result.mean * math.log(2)
     standard_error = result.total.std().item() * math.log(2) / math.sqrt(len(result.total))
     # two independent Monte Carlo estimates of the same bound: within 4 combined standard errors
-    assert abs(nats - _variational_bound(100)) < 4 * math.sqrt(2) * standard_error
+    assert abs(nats - oracle_variational_bound(100)) < 4 * math.sqrt(2) * standard_error
     assert nats > 0.5 * math.log(2 * math.pi * STD**2) + 0.5  # above the exact NLL
 
 

@@ -1,32 +1,22 @@
 """The analytic oracle: for data x_0 ~ N(m, s²) the exact ε-prediction model is known in closed form,
-so every sampler must reproduce N(m, s²) and the variational bound must sit above the exact NLL."""
+so every sampler must reproduce N(m, s²) and the variational bound must sit above the exact NLL.
+
+The oracle itself (`GaussianOracle`, `MEAN`, `STD`, `oracle_variational_bound`) lives in helpers.py; import it from
+there (the names imported here stay importable from this module for older code).
+"""
 
 import math
 
 import pytest
 import torch
+from helpers import MEAN, STD, GaussianOracle, oracle_variational_bound
 
 from hf_ddpm import diffusion as D
 from hf_ddpm.schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler
 
-MEAN, STD = 0.3, 0.5
 # 12,288 independent scalars (the oracle is elementwise): standard errors ~0.005 (mean) and ~0.003 (variance).
 # 256 dimensions per sample, so that the corrector's per-sample norms ‖z‖ and ‖score‖ concentrate as for images.
 SHAPE = (48, 1, 16, 16)
-
-
-class GaussianOracle:
-    """E[ε | x_t] for x_0 ~ N(m, s²): x_t ~ N(√ᾱ m, ᾱ s² + 1 - ᾱ), so ε̂ = √(1-ᾱ) (x_t - √ᾱ m) / (ᾱ s² + 1 - ᾱ)."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        self.alphas_cumprod = alphas_cumprod
-
-    def __call__(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        if torch.is_tensor(t) and t.ndim == 1:
-            alpha_bar = self.alphas_cumprod[t].reshape(-1, *([1] * (x_t.ndim - 1)))
-        else:
-            alpha_bar = self.alphas_cumprod[int(t)]
-        return (1 - alpha_bar).sqrt() * (x_t - alpha_bar.sqrt() * MEAN) / (alpha_bar * STD**2 + 1 - alpha_bar)
 
 
 def _moments_match(x: torch.Tensor, mean: float = MEAN, variance: float = STD**2) -> None:
@@ -164,27 +154,9 @@ def test_ddim_inversion_then_sampling_reconstructs_with_falling_error():
     assert errors[2] < 0.05
 
 
-def _variational_bound(num_train_timesteps: int, num_samples: int = 4000) -> float:
-    """E[L_T + Σ_t L_{t-1} + L_0] in nats per dimension, with the oracle's mean and fixed-small variance and a
-    continuous Gaussian decoder (the data are continuous)."""
-    scheduler = DDPMPosteriorScheduler(num_train_timesteps=num_train_timesteps, scale_betas_with_timesteps=True)
-    process = scheduler.diffusion
-    oracle = GaussianOracle(process.alphas_cumprod)
-    generator = torch.Generator().manual_seed(4)
-    x0 = MEAN + STD * torch.randn(num_samples, 1, dtype=torch.float64, generator=generator)
-    total = process.prior_kl(x0).mean().item()
-    for t_value in range(num_train_timesteps):
-        t = torch.full((num_samples,), t_value, dtype=torch.long)
-        noise = torch.randn(x0.shape, dtype=torch.float64, generator=generator)
-        x_t = process.q_sample(x0, t, noise)
-        out = process.p_mean_variance(oracle(x_t, t), x_t, t, "epsilon", "fixed_small")
-        total += process.vlb_term(x0, x_t, t, out["mean"], out["log_variance"], decoder="gaussian").mean().item()
-    return total
-
-
 def test_variational_bound_is_above_the_exact_nll_and_tightens_with_more_steps():
     exact_nll = 0.5 * math.log(2 * math.pi * STD**2) + 0.5  # E[-log N(x; m, s²)] per dimension
-    bound_100 = _variational_bound(100)
-    bound_1000 = _variational_bound(1000)
+    bound_100 = oracle_variational_bound(100)
+    bound_1000 = oracle_variational_bound(1000)
     assert bound_100 > bound_1000 > exact_nll
     assert bound_1000 - exact_nll < 0.5 * (bound_100 - exact_nll)

@@ -2,7 +2,7 @@
 and its deployment to the local Hub server.
 
 The app runs as `python spaces/hf-ddpm/app.py` in a subprocess, bound by GRADIO_SERVER_NAME/PORT as on a Space.
-`running_space` is shared with test_space_browser.py.
+`running_space` (helpers.py) starts it; test_space_browser.py drives it in a browser.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import re
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -26,9 +22,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import SPACE_DIR, free_port, running_space
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SPACE_DIR = REPO_ROOT / "spaces" / "hf-ddpm"
 sys.path.insert(0, str(SPACE_DIR))  # app.py imports its sibling ddpm_space, as on a Space
 
 import ddpm_space as core  # noqa: E402
@@ -38,70 +33,12 @@ from hf_ddpm.diffusion import GaussianDiffusion  # noqa: E402
 from hf_ddpm.schedules import make_betas  # noqa: E402
 
 UNREACHABLE_MODEL = "hf-ddpm-test/unreachable"
-STARTUP_TIMEOUT = 180  # imports alone take 10-20 s on a busy 2-core machine
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
-
-
-@contextmanager
-def running_space(
-    tmp_path: Path, env: dict[str, str] | None = None, app: Path = SPACE_DIR / "app.py", python: str = sys.executable
-) -> Iterator[str]:
-    """Start `python spaces/hf-ddpm/app.py` (or `python app`) on 127.0.0.1 and a free port; yield its URL; stop it
-    afterwards. A given `app` runs in its own folder, as on a Space.
-
-    The URL is read from the app's own "Running on" line: Gradio silently moves to the next port if the chosen one
-    was taken in between.
-    """
-    child_env = {k: v for k, v in os.environ.items() if k != core.MODEL_ENV}
-    child_env.update(
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(_closed_port()),
-        GRADIO_SSR_MODE="False",
-        GRADIO_ANALYTICS_ENABLED="False",
-        GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
-        PYTHONUNBUFFERED="1",
-        **(env or {}),
-    )
-    log_path = tmp_path / "space.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [python, str(app)],
-            cwd=REPO_ROOT if app == SPACE_DIR / "app.py" else app.parent,
-            env=child_env,
-            stdout=log,
-            stderr=log,
-        )
-    try:
-        deadline, url = time.monotonic() + STARTUP_TIMEOUT, None
-        while url is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the Space did not start (exit code {proc.poll()}):\n{log_path.read_text()}")
-            if match := re.search(r"Running on local URL:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text()):
-                url = match.group(1) + "/"
-            else:
-                time.sleep(0.5)
-        assert httpx.get(url, timeout=30).status_code == 200
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def space_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Space asked (via HF_DDPM_MODEL) for a model on a Hub that cannot be reached: it serves the bundled one."""
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {core.MODEL_ENV: UNREACHABLE_MODEL, "HF_ENDPOINT": endpoint}
     with running_space(tmp_path_factory.mktemp("space"), env) as url:
         yield url

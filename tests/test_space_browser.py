@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
-from test_space import REPO_ROOT, running_space
+from helpers import REPO_ROOT, running_space
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # .ci/run installs it with apt-get when missing
 CHROMIUM_ARGS = [

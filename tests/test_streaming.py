@@ -2,7 +2,7 @@
 process's place in the stream, resuming bit for bit (with and without DataLoader workers), the processes' disjoint
 parts, a two-process run, and the flags it refuses.
 
-The runs reuse test_training's tiny U-Net flags and helpers; the data is a saved dataset whose `label` column is
+The runs use the tiny U-Net flags of helpers.py (as test_training does); the data is a saved dataset whose `label` column is
 the row's index, so that the rows each process reads can be told apart.
 """
 
@@ -15,19 +15,13 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from helpers import accelerate_launch
-from test_training import (  # noqa: F401 - one_thread is an autouse fixture: it applies here too
-    _assert_identical,
-    _state_of,
-    one_thread,
-    run_train,
-    train_cmd,
-    write_image_folder,
-)
+from helpers import accelerate_launch, assert_identical, checkpoint_state, run_train, train_cmd, write_image_folder
 
 from hf_ddpm.data import collate_fn, digits_dataset, load_image_dataset, prepare_dataset, set_epoch, shard_stream
 from hf_ddpm.training import TrainingInputError, parse_args
 from hf_ddpm.training.checkpoints import list_checkpoints, read_checkpoint_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_ROWS = 33  # odd: two processes get parts of 17 and 16 rows (3 and 2 batches of 8)
 
@@ -101,7 +95,7 @@ def test_resume_is_bit_exact(tmp_path: Path, indexed_digits: Path, num_workers: 
 
     run_train(resumed, *flags, "--resume_from_checkpoint", str(straight / "checkpoint-3"), steps=8)
     assert [s for s, _ in list_checkpoints(resumed)] == [6, 8]
-    _assert_identical(_state_of(straight, 8), _state_of(resumed, 8))
+    assert_identical(checkpoint_state(straight, 8), checkpoint_state(resumed, 8))
     assert _stream_position(straight / "checkpoint-8") == _stream_position(resumed / "checkpoint-8")
 
 

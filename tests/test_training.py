@@ -8,57 +8,40 @@ ones that must be separate processes (kill, `accelerate launch`, a fresh Hub cac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import accelerate_launch, run_python
+from helpers import (
+    TINY_UNET,
+    accelerate_launch,
+    assert_identical,
+    checkpoint_state,
+    run_python,
+    run_train,
+    tiny_args,
+    train_cmd,
+    write_image_folder,
+)
 from safetensors.torch import load_file
 
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.data import digits_dataset
-from hf_ddpm.training import TrainingDiverged, TrainingInputError, build_parser, main, parse_args, train
+from hf_ddpm.training import TrainingDiverged, TrainingInputError, build_parser, main, parse_args
 from hf_ddpm.training.checkpoints import list_checkpoints
 from hf_ddpm.training.output import clean_interrupted_writes, save_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = json.dumps({"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "num_groups": 4})
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One intra-op thread, here and in child processes: these runs are thousands of tiny ops, and with two OpenMP
-    threads on a busy 2-core machine every op waits at a barrier for a descheduled thread (20x slower)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_args(output_dir: Path, *extra: str, steps: int = 4) -> list[str]:
-    """Flags of a seconds-long run: 8x8 images, a ~10k-parameter U-Net, no periodic work unless asked."""
-    return [
-        "--output_dir", str(output_dir), "--resolution", "8", "--unet_overrides", TINY_UNET,
-        "--train_batch_size", "8", "--max_train_steps", str(steps), "--lr_warmup_steps", "0",
-        "--sample_steps", "2", "--save_images_steps", "0", "--eval_steps", "0", "--checkpointing_steps", "0",
-        "--logger", "none", *extra,
-    ]  # fmt: skip
-
-
-def run_train(output_dir: Path, *extra: str, steps: int = 4):
-    return train(parse_args(tiny_args(output_dir, *extra, steps=steps)))
-
-
-def train_cmd(output_dir: Path, *extra: str, steps: int = 4) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), *tiny_args(output_dir, *extra, steps=steps)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,93 +52,113 @@ def saved_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_image_folder(folder: Path, count: int = 12, corrupt: bool = True) -> Path:
-    folder.mkdir(parents=True)
-    for i, row in enumerate(digits_dataset().select(range(count))):
-        row["image"].save(folder / f"digit_{i:02d}.png")
-    if corrupt:
-        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
-    return folder
-
-
 # --- a run on each data source, loaded back by a fresh process ------------------------------------------------------
 
+SOURCES = ("digits", "imagefolder", "saved")
 
-def test_runs_on_digits_imagefolder_and_saved_dataset(
-    tmp_path: Path, saved_digits: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+
+@dataclass
+class SourceRuns:
+    """One tiny run on each data source (keyed by `SOURCES`), and what they logged."""
+
+    outputs: dict[str, Path]
+    results: dict[str, Any]
+    log: str
+
+
+class _LogText(logging.Handler):
+    """Collects every record that reaches the root logger, formatted as caplog's `text` is (message included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+@pytest.fixture(scope="module")
+def source_runs(
+    tmp_path_factory: pytest.TempPathFactory, saved_digits: Path, one_thread: None
+) -> Iterator[SourceRuns]:
+    """Trained once for the tests below, so that each of their checks fails on its own."""
+    tmp_path = tmp_path_factory.mktemp("sources")
     folder = write_image_folder(tmp_path / "images")
     outputs = {
         "digits": tmp_path / "out-digits",
         "imagefolder": tmp_path / "out-folder",
         "saved": tmp_path / "out-saved",
     }
-    results = {
-        "digits": run_train(outputs["digits"], "--eval_steps", "2", "--save_images_steps", "2"),
-        "imagefolder": run_train(
-            outputs["imagefolder"], "--train_data_dir", str(folder), "--cache_dir", str(tmp_path / "c")
-        ),  # fmt: skip
-        "saved": run_train(outputs["saved"], "--dataset_name", str(saved_digits)),
-    }
-    for name, result in results.items():
-        out = outputs[name]
-        assert result.output_dir == out and result.metrics.global_step == 4
-        assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HFDDPMPipeline"
-        card = (out / "README.md").read_text()
-        assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: diffusers\n")
-        for tag in ("diffusers", "unconditional-image-generation", "hf-ddpm", "ddpm"):
-            assert f"\n- {tag}\n" in card
-        assert "import hf_ddpm" in card and f'DiffusionPipeline.from_pretrained("{out}")' in card
-        assert "| Optimizer steps | 4 |" in card and "![DDIM samples" in card
-        grid = card.split("![DDIM samples (2 steps)](")[1].split(")")[0]
-        assert (out / grid).is_file()
-    # Grids of the EMA and the raw model at step 2 and 4, and evaluations at steps 0, 2, 4.
-    samples = sorted(p.name for p in (outputs["digits"] / "samples").iterdir())
-    assert samples == [f"step-00000{s}-{m}.png" for s in (2, 4) for m in ("ema", "raw")]
-    assert [e["step"] for e in results["digits"].metrics.eval_history] == [0, 2, 4]
-    # The corrupt PNG was skipped each time it was drawn, logged by name and counted.
-    assert results["imagefolder"].metrics.skipped_images >= 1
-    assert "skipping unreadable image" in caplog.text and "broken.png" in caplog.text
-    assert "unreadable images were skipped in total" in caplog.text
-    metrics = json.loads((outputs["imagefolder"] / "training_metrics.json").read_text())
-    assert metrics["skipped_images"] == results["imagefolder"].metrics.skipped_images
+    handler = _LogText()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        results = {
+            "digits": run_train(outputs["digits"], "--eval_steps", "2", "--save_images_steps", "2"),
+            "imagefolder": run_train(
+                outputs["imagefolder"], "--train_data_dir", str(folder), "--cache_dir", str(tmp_path / "c")
+            ),  # fmt: skip
+            "saved": run_train(outputs["saved"], "--dataset_name", str(saved_digits)),
+        }
+    finally:
+        root.removeHandler(handler)
+    yield SourceRuns(outputs, results, "\n".join(handler.lines))
 
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_each_source_trains_the_asked_steps_into_a_pipeline(source_runs: SourceRuns, name: str) -> None:
+    out, result = source_runs.outputs[name], source_runs.results[name]
+    assert result.output_dir == out and result.metrics.global_step == 4
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HFDDPMPipeline"
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_each_source_writes_a_model_card_with_metadata_and_tags(source_runs: SourceRuns, name: str) -> None:
+    card = (source_runs.outputs[name] / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: diffusers\n")
+    for tag in ("diffusers", "unconditional-image-generation", "hf-ddpm", "ddpm"):
+        assert f"\n- {tag}\n" in card
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_each_source_model_card_shows_usage_steps_and_a_sample_grid(source_runs: SourceRuns, name: str) -> None:
+    out = source_runs.outputs[name]
+    card = (out / "README.md").read_text()
+    assert "import hf_ddpm" in card and f'DiffusionPipeline.from_pretrained("{out}")' in card
+    assert "| Optimizer steps | 4 |" in card and "![DDIM samples" in card
+    grid = card.split("![DDIM samples (2 steps)](")[1].split(")")[0]
+    assert (out / grid).is_file()
+
+
+def test_periodic_grids_and_evaluations_follow_their_steps(source_runs: SourceRuns) -> None:
+    # Grids of the EMA and the raw model at step 2 and 4, and evaluations at steps 0, 2, 4.
+    samples = sorted(p.name for p in (source_runs.outputs["digits"] / "samples").iterdir())
+    assert samples == [f"step-00000{s}-{m}.png" for s in (2, 4) for m in ("ema", "raw")]
+    assert [e["step"] for e in source_runs.results["digits"].metrics.eval_history] == [0, 2, 4]
+
+
+def test_a_corrupt_image_is_skipped_logged_and_counted(source_runs: SourceRuns) -> None:
+    # The corrupt PNG was skipped each time it was drawn, logged by name and counted.
+    result = source_runs.results["imagefolder"]
+    assert result.metrics.skipped_images >= 1
+    assert "skipping unreadable image" in source_runs.log and "broken.png" in source_runs.log
+    assert "unreadable images were skipped in total" in source_runs.log
+    metrics = json.loads((source_runs.outputs["imagefolder"] / "training_metrics.json").read_text())
+    assert metrics["skipped_images"] == result.metrics.skipped_images
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_each_output_loads_with_diffusers_and_samples(source_runs: SourceRuns, name: str) -> None:
     # Loaded as a user would: this module imported hf_ddpm, which registers its classes with diffusers
     # (test_push_to_hub_and_load_by_repo_id does it in a fresh process against a fresh cache).
     from diffusers import DiffusionPipeline
 
-    for out in outputs.values():
-        pipe = DiffusionPipeline.from_pretrained(out)
-        assert type(pipe).__name__ == "HFDDPMPipeline"
-        assert pipe(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 1)
+    pipe = DiffusionPipeline.from_pretrained(source_runs.outputs[name])
+    assert type(pipe).__name__ == "HFDDPMPipeline"
+    assert pipe(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 1)
 
 
 # --- resume ----------------------------------------------------------------------------------------------------------
-
-
-def _state_of(output_dir: Path, step: int) -> dict[str, object]:
-    checkpoint = output_dir / f"checkpoint-{step}"
-    return {
-        "raw": load_file(checkpoint / "model.safetensors"),
-        "ema": load_file(checkpoint / "ema.safetensors"),  # EMA weights are safetensors, not a pickle
-        "optimizer": torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"],
-        "pipeline": load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors"),
-    }
-
-
-def _assert_identical(a: object, b: object) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_identical(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_identical(x, y)
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), "tensors differ"
-    else:
-        assert a == b
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, saved_digits: Path) -> None:
@@ -184,7 +187,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, saved_digits: Path) -
     run_train(resumed, *flags, "--resume_from_checkpoint", "latest", steps=steps)
     assert not (resumed / "checkpoint-9999.tmp").exists()
     assert [s for s, _ in list_checkpoints(resumed)] == [steps - 4, steps]
-    _assert_identical(_state_of(straight, steps), _state_of(resumed, steps))
+    assert_identical(checkpoint_state(straight, steps), checkpoint_state(resumed, steps))
 
 
 def test_resuming_a_finished_run_keeps_its_outputs_and_metrics(tmp_path: Path) -> None:
@@ -332,7 +335,7 @@ def test_gradient_checkpointing_and_bf16(tmp_path: Path) -> None:
     plain = run_train(tmp_path / "plain", "--no-use_ema", steps=2)
     checkpointed = run_train(tmp_path / "checkpointed", "--no-use_ema", "--gradient_checkpointing", steps=2)
     weights = [load_file(r.output_dir / "unet" / "diffusion_pytorch_model.safetensors") for r in (plain, checkpointed)]
-    _assert_identical(*weights)
+    assert_identical(*weights)
     # A second precision in the same process: train() resets accelerate's per-process state.
     result = run_train(tmp_path / "bf16", "--mixed_precision", "bf16", steps=3)
     assert np.isfinite(result.metrics.final_loss)
@@ -530,7 +533,8 @@ def test_sharded_model_modes_are_refused_with_a_pointer_to_ddp() -> None:
     """FSDP/DeepSpeed cannot start on a CPU-only machine (accelerate wants a GPU), so the check is called directly."""
     from accelerate.utils import DistributedType
 
-    from hf_ddpm.training.loop import TrainingInputError, check_distributed_type
+    from hf_ddpm.training import TrainingInputError
+    from hf_ddpm.training.launch import check_distributed_type
 
     for mode in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         with pytest.raises(TrainingInputError, match=rf"{mode.value} mode is not supported.*--multi_gpu"):

@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import tiny_args
 from isolated_env import clean_env, isolated_python, run_python
-from test_training import tiny_args
 
 import hf_ddpm
 
