@@ -1,6 +1,6 @@
 """A small local server that speaks enough of the Hugging Face Hub HTTP API for tests.
 
-The real `huggingface_hub` client and diffusers run unmodified against it (see /work/shared/HUB_API.md for the facts
+The real `huggingface_hub` client and diffusers run unmodified against it (see docs/hub_api.md for the facts
 it honours). It is test infrastructure only: standard library, one process, no authentication, no pull requests.
 
 Storage: file contents live content-addressed (by sha256) under `<root>/blobs/`; each repo's branches and commit

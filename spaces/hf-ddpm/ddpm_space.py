@@ -66,8 +66,9 @@ SCHEDULE_CURVES: dict[str, dict[str, Any]] = {
 def configure_torch(threads: int | None = None) -> None:
     """Use `threads` intra-op threads (env HF_DDPM_TORCH_THREADS, default 1).
 
-    The model is tiny and the server runs other requests in parallel threads; on a busy 2-core machine, two OpenMP
-    threads spin-waiting for each other made one U-Net call 40x slower (1.1 s against 27 ms) than one thread.
+    The model is tiny and the server runs other requests in parallel threads: more intra-op threads than free cores
+    leave OpenMP threads spin-waiting at every barrier for a descheduled partner, which makes each U-Net call many
+    times slower than one thread does, while one thread per request already keeps the cores busy.
     """
     torch.set_num_threads(threads or int(os.environ.get("HF_DDPM_TORCH_THREADS", "1")))
 

@@ -1,5 +1,5 @@
 """Make diffusers find hf_ddpm's classes by name, so that `DiffusionPipeline.from_pretrained` loads our pipelines
-from the Hub or a folder with no `trust_remote_code` (facts in DESIGN.md, "Loading from the Hub").
+from the Hub or a folder with no `trust_remote_code` (facts in docs/design.md, "Loading from the Hub").
 
 diffusers 0.42 resolves a `model_index.json` component ["hf_ddpm", "DDPMUNet"] as an attribute of
 `diffusers.pipelines` (which also passes its Hub download check), and `_class_name` as an attribute of `diffusers`.

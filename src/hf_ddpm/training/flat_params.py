@@ -1,8 +1,9 @@
 """The trained parameters, their gradients and their EMA as views into three flat buffers.
 
-A small U-Net has many small tensors (182 for `tiny-16`), and on CPU every per-tensor kernel of the optimizer step
-costs microseconds of dispatch: fused AdamW, gradient clipping, zeroing the gradients and the EMA update took
-about 7.6 ms of a 62 ms digits training step. Over one buffer each is a single kernel (about 2.8 ms together).
+A small U-Net has many small tensors (182 for `tiny-16`), and on CPU every per-tensor kernel costs dispatch time
+that a small tensor's arithmetic does not repay: fused AdamW, gradient clipping, zeroing the gradients and the EMA
+update each launch one kernel per tensor, a sizeable share of a small model's training step. Over one buffer each is
+a single kernel (what that saves is measured in docs/benchmarks.md, "Training throughput").
 The module keeps its own `nn.Parameter`s (state dicts, DDP and checkpoints see the usual per-tensor names and
 shapes); only their storage moves, and autograd accumulates each gradient in place into its view of the gradient
 buffer, which is zeroed, never freed, between steps.
