@@ -16,7 +16,13 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
 from hf_ddpm import DDIMPosteriorScheduler, DDPMPosteriorScheduler, DDPMUNet, HFDDPMPipeline
-from hf_ddpm.models.diffusers_conversion import _FROM_DIFFUSERS, GOOGLE_DDPM_CIFAR10_UNET2D, _rename
+from hf_ddpm.models.diffusers_conversion import (
+    _FROM_DIFFUSERS,
+    GOOGLE_DDPM_CIFAR10_UNET2D,
+    _rename,
+    ddpm_unet_config_from_diffusers,
+)
+from hf_ddpm.models.unet import UNET_PRESETS
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "spaces" / "hf-ddpm"
 
@@ -81,6 +87,16 @@ def _assert_converted(pipe: HFDDPMPipeline, folder: Path) -> None:
     assert len(ours) == len(theirs)
     for key, value in theirs.items():
         assert torch.equal(ours[_rename(key, _FROM_DIFFUSERS)], value), key
+
+
+def test_the_full_size_google_config_is_the_papers_cifar10_model(tmp_path):
+    """The real config.json (keys an old diffusers wrote, the rest defaulted) maps to the `ddpm-cifar10` preset; no
+    weights are built, which keeps this cheap (35.7M parameters)."""
+    config = json.loads((write_google_like_repo(tmp_path / "repo") / "unet" / "config.json").read_text())
+    config.update(block_out_channels=list(GOOGLE_DDPM_CIFAR10_UNET2D["block_out_channels"]))
+    ours = ddpm_unet_config_from_diffusers(config)
+    preset = {**UNET_PRESETS["ddpm-cifar10"], "dropout": 0.0}  # the released config.json has no dropout (default 0)
+    assert {k: ours[k] for k in preset} == preset
 
 
 def test_online_from_a_fresh_cache_downloads_only_what_it_needs(hub_server, fresh_hf_cache, google_like):
