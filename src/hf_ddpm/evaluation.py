@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .diffusion import GaussianDiffusion, nats_to_bits_per_dim
+from .progress import progress_bar
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -131,7 +131,7 @@ def bits_per_dim(
     sum_nats = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     variance_nats = torch.zeros_like(sum_nats)
     if mode == "exact" or T == 1:
-        for t_value in tqdm(range(1, T), disable=not progress, desc="bits/dim"):
+        for t_value in progress_bar(range(1, T), disable=not progress, desc="bits/dim"):
             values = vlb_terms_at(model, process, x0, t_value, prediction_type, variance_type, **kwargs).double()
             terms[t_value] = values.mean()
             sum_nats += values
@@ -139,7 +139,7 @@ def bits_per_dim(
         if samples_per_stratum < 2:
             raise ValueError(f"samples_per_stratum must be >= 2 to estimate an error, got {samples_per_stratum}.")
         strata = _strata(T, min(num_strata, T - 1))
-        for start, stop in tqdm(strata, disable=not progress, desc="bits/dim (fast)"):
+        for start, stop in progress_bar(strata, disable=not progress, desc="bits/dim (fast)"):
             size = stop - start
             count = min(samples_per_stratum, size)  # drawn without replacement: a small stratum is exact
             draws = (start + torch.randperm(size, generator=generator)[:count]).tolist()
@@ -230,7 +230,7 @@ def respaced_bits_per_dim(
     terms = torch.empty(K, dtype=torch.float64)
     sum_nats = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     decoder_nats = sum_nats
-    for k in tqdm(range(K), disable=not progress, desc=f"bits/dim ({K} steps)"):
+    for k in progress_bar(range(K), disable=not progress, desc=f"bits/dim ({K} steps)"):
         values = vlb_terms_at(
             model, respaced, x0, k, prediction_type, variance_type, **kwargs, model_variance=variances[k]
         )
