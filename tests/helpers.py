@@ -97,11 +97,11 @@ def tiny_unet(conv_out_std: float = 0.05, **overrides):
 TINY_UNET = json.dumps({"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "num_groups": 4})
 
 
-def tiny_args(output_dir: Path, *extra: str, steps: int = 4) -> list[str]:
+def tiny_args(output_dir: Path, *extra: str, steps: int = 4, batch: int = 8) -> list[str]:
     """Flags of a seconds-long run: 8x8 images, a ~10k-parameter U-Net, no periodic work unless asked."""
     return [
         "--output_dir", str(output_dir), "--resolution", "8", "--unet_overrides", TINY_UNET,
-        "--train_batch_size", "8", "--max_train_steps", str(steps), "--lr_warmup_steps", "0",
+        "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--lr_warmup_steps", "0",
         "--sample_steps", "2", "--save_images_steps", "0", "--eval_steps", "0", "--checkpointing_steps", "0",
         "--logger", "none", *extra,
     ]  # fmt: skip
