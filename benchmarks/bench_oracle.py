@@ -16,6 +16,18 @@ def oracle_eps(x_t: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     return (1 - alpha_bar) ** 0.5 * (x_t - alpha_bar**0.5 * MEAN) / (alpha_bar * STD**2 + 1 - alpha_bar)
 
 
+def oracle_gamma(scheduler) -> list[float]:
+    """Γ_t = E‖ε̂‖²/d of the oracle in closed form, (1 - ᾱ) / (ᾱ s² + 1 - ᾱ): the calibration `hf_ddpm.calibrate`
+    estimates for a trained model."""
+    alpha_bar = scheduler.diffusion.alphas_cumprod
+    return ((1 - alpha_bar) / (alpha_bar * STD**2 + 1 - alpha_bar)).tolist()
+
+
+def analytic(cls):
+    """A scheduler with the analytic variance (Bao et al. 2022) from the oracle's Γ; continuous data: no clipping."""
+    return cls(clip_sample=False, analytic_variance=True, analytic_gamma=oracle_gamma(cls()))
+
+
 def sample(scheduler, steps: int, corrector_steps: int = 0, **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     scheduler.set_timesteps(steps)
@@ -43,6 +55,13 @@ def main() -> None:
         ("DDIM η=0, 50 steps", DDIMPosteriorScheduler(clip_sample=False), 50, {"eta": 0.0}),
         ("DDIM η=1, 50 steps", DDIMPosteriorScheduler(clip_sample=False), 50, {"eta": 1.0}),
         ("DDIM η=0, 200 steps", DDIMPosteriorScheduler(clip_sample=False), 200, {"eta": 0.0}),
+        ("DDPM respaced, 100, analytic var.", analytic(DDPMPosteriorScheduler), 100, {}),
+        ("DDPM respaced, 10, fixed var.", DDPMPosteriorScheduler(clip_sample=False), 10, {}),
+        ("DDPM respaced, 10, analytic var.", analytic(DDPMPosteriorScheduler), 10, {}),
+        ("DDIM η=0, 50, analytic var.", analytic(DDIMPosteriorScheduler), 50, {"eta": 0.0}),
+        ("DDIM η=1, 50, analytic var.", analytic(DDIMPosteriorScheduler), 50, {"eta": 1.0}),
+        ("DDIM η=0, 10, fixed var.", DDIMPosteriorScheduler(clip_sample=False), 10, {"eta": 0.0}),
+        ("DDIM η=0, 10, analytic var.", analytic(DDIMPosteriorScheduler), 10, {"eta": 0.0}),
     ]
     for name, scheduler, steps, kwargs in runs:
         x = sample(scheduler, steps, **kwargs)
