@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .atomic_files import atomic_write
 from .diffusion import GaussianDiffusion, model_output_to_eps
+from .progress import progress_bar
 
 Model = Callable[[torch.Tensor, torch.Tensor], Any]
 # The regression estimator fits a line through the draws of each t: its error needs n - 2 >= 1.
@@ -97,7 +97,7 @@ def estimate_gamma(
     # per t: Σa, Σb, Σa², Σb², Σab of a = ‖ε̂‖²/d and b = ‖ε‖²/d
     sums = torch.zeros(5, T, dtype=torch.float64, device=device)
     total = T * num_images
-    for start in tqdm(range(0, total, batch_size), disable=not progress, desc="calibrating Γ", unit="batch"):
+    for start in progress_bar(range(0, total, batch_size), disable=not progress, desc="calibrating Γ", unit="batch"):
         pairs = torch.arange(start, min(start + batch_size, total), device=device)
         t, x0 = pairs // num_images, data[pairs % num_images]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(device)
