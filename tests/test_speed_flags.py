@@ -28,7 +28,7 @@ import hf_ddpm.compilation as compilation
 from hf_ddpm import DDIMPosteriorScheduler, DDPMUNet, HFDDPMPipeline
 from hf_ddpm.compilation import CompilerUnavailable, compile_problem
 from hf_ddpm.training import TrainingInputError, build_parser, main, parse_args, train
-from hf_ddpm.training.loop import _dynamo_kwargs
+from hf_ddpm.training.launch import dynamo_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = json.dumps({"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "num_groups": 4})
@@ -86,7 +86,7 @@ def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 def test_flags_default_to_off_and_document_their_defaults() -> None:
     args = parse_args(["--output_dir", "unused"])
     assert (args.dynamo_backend, args.dynamo_mode, args.channels_last) == (None, None, None)
-    assert _dynamo_kwargs(args) is None  # nothing from the flags or accelerate's environment: no compilation
+    assert dynamo_kwargs(args) is None  # nothing from the flags or accelerate's environment: no compilation
     actions = {a.dest: a for a in build_parser()._actions}
     for dest in ("dynamo_backend", "dynamo_mode", "channels_last"):
         assert actions[dest].help.endswith("(default: None)"), actions[dest].help
@@ -97,11 +97,11 @@ def test_dynamo_settings_follow_flags_then_accelerate_launch(monkeypatch: pytest
     # `accelerate launch --dynamo_backend inductor --dynamo_mode max-autotune` exports these.
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "max-autotune")
-    assert _dynamo_kwargs(parse_args([])) == {
+    assert dynamo_kwargs(parse_args([])) == {
         "backend": "inductor", "fullgraph": False, "dynamic": None, "mode": "max-autotune"
     }  # fmt: skip
-    assert _dynamo_kwargs(parse_args(["--dynamo_backend", "no"])) is None  # an explicit flag wins
-    assert _dynamo_kwargs(parse_args(["--dynamo_backend", "aot_eager", "--dynamo_mode", "default"]))["backend"] == (
+    assert dynamo_kwargs(parse_args(["--dynamo_backend", "no"])) is None  # an explicit flag wins
+    assert dynamo_kwargs(parse_args(["--dynamo_backend", "aot_eager", "--dynamo_mode", "default"]))["backend"] == (
         "aot_eager"
     )
     with pytest.raises(SystemExit) as exit_info:

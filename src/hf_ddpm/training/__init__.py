@@ -5,7 +5,9 @@ from Python.
 """
 
 from .args import TRAINING_PRESETS, build_parser, parse_args
-from .loop import TrainingDiverged, TrainingInputError, TrainResult, main, train
+from .command import main
+from .errors import TrainingDiverged, TrainingInputError
+from .loop import TrainResult, train
 
 __all__ = [
     "TRAINING_PRESETS",

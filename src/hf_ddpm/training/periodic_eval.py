@@ -8,13 +8,17 @@ loaded once per run; FID's statistics of them are computed once (and cached on d
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from ..evaluator import METRICS, EvalConfig, Evaluator, Shard, first_images
 from ..fid import ExtractorUnavailableError, check_features
+from ..losses import LossTerms
+from ..pipeline import HFDDPMPipeline
 
 NO_METRICS = "none"
 
@@ -102,3 +106,35 @@ def eval_logs(result: dict[str, Any] | None) -> dict[str, float]:
         return {}
     keys = ("bpd", "bpd_stderr", "bpd_images", "fid", "fid_samples")
     return {f"eval/{key}": result[key] for key in keys if key in result}
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: dict[str, torch.nn.Module],
+    evaluator: Evaluator | None,
+    fixed_batch: dict[str, torch.Tensor] | None,
+    loss_terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module], LossTerms],
+    noise_scheduler: Any,
+) -> dict[str, float]:
+    """The eval/* figures of one evaluation; every process calls it. The loss of each of `models` ({name: U-Net},
+    the saved weights first) on `fixed_batch` ({"x0", "noise", "t"}, where given), and `evaluator`'s metrics of the
+    first model in a pipeline with `noise_scheduler` (on process 0; {} from the others). Each model is evaluated in
+    eval mode and left in the mode it had."""
+    modes = {name: unet.training for name, unet in models.items()}
+    first = next(iter(models.values()))
+    logs: dict[str, float] = {}
+    try:
+        for unet in models.values():
+            unet.eval()
+        if fixed_batch is not None:
+            x0, noise, t = (fixed_batch[k].to(first.device) for k in ("x0", "noise", "t"))
+            for name, unet in models.items():
+                logs[f"eval/loss_{name}"] = float(loss_terms(x0, noise, t, unet).loss.mean())
+        if evaluator is not None:
+            pipe = HFDDPMPipeline(unet=first, scheduler=noise_scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            logs.update(eval_logs(evaluator(pipe)))
+    finally:
+        for name, unet in models.items():
+            unet.train(modes[name])
+    return logs
