@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import hf_ddpm  # noqa: F401 - registers our classes with diffusers
 
-    from .evaluate import real_images
+    from .evaluator import real_images
 
     pipe = DiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)

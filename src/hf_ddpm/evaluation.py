@@ -100,6 +100,25 @@ def _strata(num_timesteps: int, num_strata: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def _bits_per_dim_from_nats(
+    prior: torch.Tensor,
+    sum_nats: torch.Tensor,
+    decoder_nats: torch.Tensor,
+    terms: torch.Tensor,
+    variance_nats: torch.Tensor | None = None,
+) -> BitsPerDim:
+    """The bound's parts in nats/dim ([N] each; `terms` [T]; `variance_nats` of Σ terms, None: exact) in bits/dim."""
+    prior = prior.to(sum_nats.device)
+    variance_nats = torch.zeros_like(sum_nats) if variance_nats is None else variance_nats
+    return BitsPerDim(
+        total=nats_to_bits_per_dim(prior + sum_nats + decoder_nats).cpu(),
+        prior=nats_to_bits_per_dim(prior).cpu(),
+        decoder=nats_to_bits_per_dim(decoder_nats).cpu(),
+        terms=nats_to_bits_per_dim(terms),
+        stderr=nats_to_bits_per_dim(variance_nats.sqrt()).cpu(),
+    )
+
+
 @torch.no_grad()
 def bits_per_dim(
     model: Model,
@@ -151,15 +170,7 @@ def bits_per_dim(
             sum_nats += size * values.mean(0)
             if count < size:  # with the finite-population correction
                 variance_nats += size**2 * values.var(0) / count * (1 - count / size)
-    prior = process.prior_kl(x0.double()).to(sum_nats.device)
-    total = prior + sum_nats + decoder_nats
-    return BitsPerDim(
-        total=nats_to_bits_per_dim(total).cpu(),
-        prior=nats_to_bits_per_dim(prior).cpu(),
-        decoder=nats_to_bits_per_dim(decoder_nats).cpu(),
-        terms=nats_to_bits_per_dim(terms),
-        stderr=nats_to_bits_per_dim(variance_nats.sqrt()).cpu(),
-    )
+    return _bits_per_dim_from_nats(process.prior_kl(x0.double()), sum_nats, decoder_nats, terms, variance_nats)
 
 
 def dataset_bits_per_dim(
@@ -240,12 +251,4 @@ def respaced_bits_per_dim(
             decoder_nats = values
         else:
             sum_nats = sum_nats + values
-    prior = respaced.prior_kl(x0.double()).to(sum_nats.device)
-    total = prior + sum_nats + decoder_nats
-    return BitsPerDim(
-        total=nats_to_bits_per_dim(total).cpu(),
-        prior=nats_to_bits_per_dim(prior).cpu(),
-        decoder=nats_to_bits_per_dim(decoder_nats).cpu(),
-        terms=nats_to_bits_per_dim(terms),
-        stderr=torch.zeros(x0.shape[0], dtype=torch.float64),
-    )
+    return _bits_per_dim_from_nats(respaced.prior_kl(x0.double()), sum_nats, decoder_nats, terms)
