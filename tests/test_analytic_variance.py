@@ -121,6 +121,20 @@ def test_scheduler_variances_are_the_formula_on_the_respaced_steps():
     assert scheduler._analytic_noise_std(0) == 0.0  # the last step returns the mean, as Algorithm 2
 
 
+def test_clip_sample_range_bounds_the_posterior_covariance():
+    """clip_sample asserts data in [-r, r]: Theorem 2's bound Cov[x_0|x_t]/d ≤ r² applies (here r = 0.05 binds)."""
+    gamma = closed_form_gamma(DDIMPosteriorScheduler().diffusion.alphas_cumprod)
+    scheduler = DDIMPosteriorScheduler(clip_sample_range=0.05, analytic_variance=True, analytic_gamma=gamma)
+    scheduler.set_timesteps(10)
+    process = scheduler.sampling_diffusion
+    for position in range(1, 10):
+        ab_t, ab_s = float(process.alphas_cumprod[position]), float(process.alphas_cumprod_prev[position])
+        expected = reference_sigma2(ab_t, ab_s, 0.0, gamma[int(process.timestep_map[position])], 0.05)
+        assert scheduler._analytic_noise_std(position, 0.0) ** 2 == pytest.approx(expected, rel=1e-12)
+    unbounded = reference_sigma2(ab_t, ab_s, 0.0, gamma[int(process.timestep_map[9])], None)
+    assert scheduler._analytic_noise_std(9, 0.0) ** 2 < unbounded
+
+
 def test_pixel_clip_applies_to_the_last_noisy_step_only():
     plain, clipped = analytic(DDPMPosteriorScheduler), analytic(DDPMPosteriorScheduler, analytic_noise_clip_pixels=0.5)
     for scheduler in (plain, clipped):
