@@ -26,6 +26,7 @@ import torch
 from .atomic_files import atomic_write
 from .diffusion import GaussianDiffusion, model_output_to_eps
 from .progress import progress_bar
+from .schedulers import PosteriorSchedulerBase
 
 Model = Callable[[torch.Tensor, torch.Tensor], Any]
 # The regression estimator fits a line through the draws of each t: its error needs n - 2 >= 1.
@@ -142,7 +143,7 @@ def calibrate_pipeline(
     [-1, 1]) and store it in its scheduler config as `analytic_gamma`, so that saving the pipeline keeps it.
     The scheduler is rebuilt from its config (`from_config`), which validates the new key."""
     scheduler = pipe.scheduler
-    if "analytic_gamma" not in scheduler.config and not hasattr(scheduler, "_check_analytic_config"):
+    if not isinstance(scheduler, PosteriorSchedulerBase):
         raise ValueError(
             f"{type(scheduler).__name__} has no analytic variance; calibrate a pipeline whose scheduler is "
             "DDPMPosteriorScheduler or DDIMPosteriorScheduler."
