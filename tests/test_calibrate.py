@@ -185,3 +185,11 @@ def test_cli_with_too_few_images_leaves_the_model_untouched(saved_pipeline, imag
     with pytest.raises(ValueError, match="has 6 readable image.s., fewer than --num_samples 50"):
         main(["--model", str(saved_pipeline), "--dataset", str(image_folder), "--num_samples", "50", "--no_progress"])
     assert (saved_pipeline / "scheduler" / "scheduler_config.json").read_text() == before
+
+
+def test_calibrating_a_pipeline_without_a_posterior_scheduler_is_refused():
+    from diffusers import DDPMScheduler
+
+    pipe = HFDDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    with pytest.raises(ValueError, match="DDPMScheduler has no analytic variance"):
+        calibrate_pipeline(pipe, torch.zeros(3, 1, 8, 8), progress=False)
