@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..data import set_epoch
 from ..models.unet import DDPMUNet
 from ..pipeline import HFDDPMPipeline
+from ..progress import progress_bar
 from .batches import StreamBatches, build_dataloader, eval_batch
 from .checkpoints import read_stream_state, remove_partial_checkpoints, save_checkpoint
 from .distributed import check_processes_agree
@@ -275,7 +276,7 @@ class _Trainer:
         self.progress.restart_clock()
         if args.eval_steps and self.global_step == 0:
             self._side_work(self.evaluate)
-        self.progress_bar = tqdm(
+        self.progress_bar = progress_bar(
             total=self.max_steps,
             initial=self.global_step,
             disable=not accelerator.is_main_process,
