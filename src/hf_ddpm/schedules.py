@@ -101,26 +101,30 @@ def _named_betas(
     )
 
 
-def diffusers_schedule_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+def diffusers_solver_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config keys to add or update so that diffusers' schedulers, given this scheduler config with plain
     `from_config`, build the same β schedule and sample it as their docs advise. Each key keeps diffusers' meaning,
-    and the β schedule the config describes is unchanged:
+    and what the config describes (β schedule, x̂_0 clipping) is unchanged:
 
     - our aliases become diffusers' names (`cosine` -> `squaredcos_cap_v2`, `quadratic` -> `scaled_linear`);
     - a schedule diffusers' solvers do not build (`sigmoid`, `laplace`, `constant`, or any range rescaled by
       `scale_betas_with_timesteps`) is also written as its `trained_betas` (before any zero-terminal-SNR rescale,
       which both libraries apply on top);
     - the cosine schedule gets DPM-Solver's `lambda_min_clipped` unless the config sets one (or rescales to zero
-      terminal SNR, which asks for the full λ range).
-
-    Returns {} for `trained_betas` configs, which diffusers reads already.
+      terminal SNR, which asks for the full λ range);
+    - `clip_sample` to [-1, 1] is also written as `thresholding` with `sample_max_value` 1, the same clipping
+      (s = 1 for every sample) in the form DPM-Solver, UniPC and DEIS read: they have no `clip_sample`, and a model
+      trained with clipping can depend on it at the noisiest steps, whose x̂_0 is ~10⁴ times the ε̂ error.
     """
+    keys: dict[str, Any] = {}
+    clips_to_one = config.get("clip_sample") and config.get("clip_sample_range") == 1.0
+    if clips_to_one and not config.get("thresholding") and config.get("sample_max_value") == 1.0:
+        keys["thresholding"] = True
     schedule, T = config["beta_schedule"], config["num_train_timesteps"]
     if config.get("trained_betas") is not None or callable(schedule):
-        return {}
+        return keys  # diffusers reads trained_betas already
     name = DIFFUSERS_SCHEDULE_NAMES.get(schedule)
     rescaled_range = config.get("scale_betas_with_timesteps") and T != 1000 and name != "squaredcos_cap_v2"
-    keys: dict[str, Any] = {}
     if name is None or rescaled_range:
         scale = bool(config.get("scale_betas_with_timesteps"))
         betas = make_betas(schedule, T, config["beta_start"], config["beta_end"], scale_with_timesteps=scale)

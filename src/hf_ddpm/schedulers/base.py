@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..diffusion import (
@@ -19,15 +19,31 @@ from ..diffusion import (
     v_from_x0_eps,
 )
 from ..loading import check_local_component
-from ..schedules import diffusers_schedule_keys, make_betas
+from ..schedules import diffusers_solver_keys, make_betas
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-# diffusers' schedulers that take our configs with `from_config` (DPM-Solver, UniPC, Euler, ...), and ours: the keys
-# they read are not reported as unexpected when their configs come back to us.
-COMPATIBLE_SCHEDULERS = [s.name for s in KarrasDiffusionSchedulers] + [
+# diffusers' schedulers that sample our models from `from_config(ours.config)` (tests/test_diffusers_solvers.py), and
+# ours: the keys they read are not reported as unexpected when their configs come back to us.
+COMPATIBLE_SCHEDULERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
     "DDPMPosteriorScheduler",
     "DDIMPosteriorScheduler",
 ]
+# The keys that define the process any scheduler samples (schedule, parametrisation, steps, x̂_0 clipping): never
+# "left at the default", which from_config replaces by the target class' default (Heun's beta_start is 0.00085).
+PROCESS_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+    "prediction_type", "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value",
+)  # fmt: skip
 CALIBRATE_COMMAND = "python -m hf_ddpm.calibrate --model DIR --dataset DATASET --num_samples M"
 
 
@@ -83,8 +99,12 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
 
     def _build(self) -> None:
         """Validate the registered config and build the process; called at the end of each subclass' __init__."""
-        # Keys diffusers' solvers read, so that `XScheduler.from_config(ours.config)` builds the same schedule.
-        self.register_to_config(**diffusers_schedule_keys(self.config))
+        # Keys diffusers' solvers read, so that `XScheduler.from_config(ours.config)` samples the same process (see
+        # PROCESS_KEYS); `_class_name` (found in diffusers' namespace, see registration.py) lets from_config drop our
+        # own keys quietly, as it does for a saved config.
+        defaults = [key for key in self.config.get("_use_default_values", []) if key not in PROCESS_KEYS]
+        solver_keys = diffusers_solver_keys(self.config)
+        self.register_to_config(**solver_keys, _use_default_values=defaults, _class_name=type(self).__name__)
         config = self.config
         check_prediction_type(config.prediction_type)
         if config.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -259,6 +279,8 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, section 2.3): per sample, s = the given quantile of |x̂_0|,
         clamped to [1, sample_max_value]; x̂_0 is clipped to [-s, s] and divided by s. [N, ...] -> [N, ...]."""
+        if self.config.sample_max_value == 1.0:  # s = 1 for every sample: plain clipping, no quantile needed
+            return sample.clamp(-1.0, 1.0)
         dtype = sample.dtype
         flat = sample.reshape(sample.shape[0], -1)
         if dtype not in (torch.float32, torch.float64):
