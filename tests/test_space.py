@@ -226,6 +226,43 @@ def test_checks_name_each_bad_input():
     assert len(core.check_schedule_inputs(["nope"], 1)) == 2
 
 
+def test_diffusers_solvers_are_offered_the_users_way(bundled):
+    """DPM-Solver++ and UniPC are diffusers' own classes from the model's config (its λ clip and x̂_0 clipping
+    included), at the chosen spacing; an unknown sampler is refused with the allowed names."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    config = bundled.scheduler.config
+    dpm = core.make_scheduler(config, core.DPM_SOLVER, "leading")
+    assert type(dpm) is DPMSolverMultistepScheduler and dpm.config.algorithm_type == "dpmsolver++"
+    assert dpm.config.solver_order == 2 and dpm.config.timestep_spacing == "leading"
+    assert dpm.config.lambda_min_clipped == config.lambda_min_clipped and dpm.config.thresholding
+    unipc = core.make_scheduler(config, core.UNIPC, "trailing")
+    assert type(unipc) is UniPCMultistepScheduler and unipc.config.timestep_spacing == "trailing"
+    assert unipc.config.beta_schedule == config.beta_schedule
+    with pytest.raises(ValueError, match=r"Unknown sampler 'Euler'; allowed: .*DPM-Solver\+\+ \(2M\), UniPC"):
+        core.make_scheduler(config, "Euler", "leading")
+    _, errors = core.check_generate_inputs("Euler", 10, 0.0, "leading", 0, 1, 1, 1000)
+    assert set(errors) == {"sampler"} and "DPM-Solver++ (2M)" in errors["sampler"] and "UniPC" in errors["sampler"]
+    settings, errors = core.check_generate_inputs(core.UNIPC, 10, 0.0, "trailing", 0, 1, 1, 1000)
+    assert errors == {} and settings.sampler == core.UNIPC
+
+
+def test_solver_stream_counts_the_steps_it_takes(bundled):
+    """DPM-Solver++ clips the cosine schedule's λ range, so 1000 asked steps are fewer taken: the stream counts those."""
+    settings = core.GenerateSettings(core.DPM_SOLVER, 1000, 0.0, "trailing", 0, 1, 1)
+    stream = core.sample_stream(bundled, settings)
+    first, second = next(stream), next(stream)
+    stream.close()
+    scheduler = core.make_scheduler(bundled.scheduler.config, core.DPM_SOLVER, "trailing")
+    scheduler.set_timesteps(1000)
+    assert first.step == 0 and first.total == second.total == len(scheduler.timesteps) < 1000
+
+
+def test_generate_with_dpm_solver(client):
+    status = _generate(client, sampler=core.DPM_SOLVER, steps=5, num_images=2).result(timeout=120)[0]
+    assert status.startswith("**Done:** 2 images · DPM-Solver++ (2M), 5 steps")
+
+
 def test_stream_matches_the_pipeline_and_stops_when_closed(bundled):
     """The streamed images are the pipeline's own for that seed; closing the stream stops the sampler thread."""
     for sampler in core.SAMPLERS:
@@ -245,7 +282,10 @@ def test_stream_matches_the_pipeline_and_stops_when_closed(bundled):
             output_type="np",
         ).images
         np.testing.assert_array_equal(result.images, expected)
-        assert result.pred_x0.shape == (2, *core.image_shape(bundled))
+        if sampler in core.DIFFUSERS_SOLVERS:  # their step outputs carry no x̂_0: the preview stays empty
+            assert result.pred_x0 is None
+        else:
+            assert result.pred_x0.shape == (2, *core.image_shape(bundled))
     stream = core.sample_stream(bundled, core.GenerateSettings(core.DDPM, 1000, 0.0, "leading", 0, 1, 1))
     next(stream), next(stream)
     stream.close()

@@ -43,7 +43,8 @@ FORWARD_TILE = 192  # the Forward tab shows one image, so larger
 CSS = "#preview-xt img, #preview-x0 img, #gallery img, .forward-image img { image-rendering: pixelated; }"
 INTRO = (
     "# hf-ddpm · denoising diffusion, step by step\n"
-    "Sample a DDPM (Ho et al. 2020) with ancestral, DDIM (Song et al. 2021) or predictor-corrector steps and watch "
+    "Sample a DDPM (Ho et al. 2020) with ancestral, DDIM (Song et al. 2021) or predictor-corrector steps, or with "
+    "diffusers' DPM-Solver++ and UniPC (good digits in 10 steps), and watch "
     "x_t and the model's guess x̂_0 as noise turns into digits; see the forward process the model learned to undo; "
     "compare noise schedules."
 )

@@ -27,6 +27,8 @@ import matplotlib.pyplot  # noqa: F401
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from matplotlib.figure import Figure
 
@@ -41,7 +43,13 @@ BUNDLED_MODEL = HERE / "model"
 MODEL_ENV = "HF_DDPM_MODEL"
 
 DDPM, DDIM, LANGEVIN = "DDPM ancestral", "DDIM", "DDPM + Langevin corrector"
-SAMPLERS = (DDPM, DDIM, LANGEVIN)
+DPM_SOLVER, UNIPC = "DPM-Solver++ (2M)", "UniPC"
+SAMPLERS = (DDPM, DDIM, LANGEVIN, DPM_SOLVER, UNIPC)
+# diffusers' fast solvers, swapped in as a user would: `XScheduler.from_config(pipe.scheduler.config)`.
+DIFFUSERS_SOLVERS: dict[str, type[SchedulerMixin]] = {
+    DPM_SOLVER: DPMSolverMultistepScheduler,
+    UNIPC: UniPCMultistepScheduler,
+}
 SPACINGS = TIMESTEP_SPACINGS
 MAX_IMAGES = 16
 MAX_SEED = 2**32 - 1
@@ -152,9 +160,11 @@ def describe_model(pipe: HFDDPMPipeline, source: str | os.PathLike | None) -> st
     )
 
 
-def make_scheduler(config: Any, sampler: str, spacing: str) -> DDPMPosteriorScheduler | DDIMPosteriorScheduler:
+def make_scheduler(config: Any, sampler: str, spacing: str) -> SchedulerMixin:
     """A fresh scheduler of the sampler's kind over the model's schedule (one per request: they hold state)."""
-    cls = DDIMPosteriorScheduler if sampler == DDIM else DDPMPosteriorScheduler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+    cls = DIFFUSERS_SOLVERS.get(sampler) or (DDIMPosteriorScheduler if sampler == DDIM else DDPMPosteriorScheduler)
     return cls.from_config(config, timestep_spacing=spacing)
 
 
@@ -340,7 +350,8 @@ def sample_stream(pipe: HFDDPMPipeline, settings: GenerateSettings) -> Iterator[
     generator = torch.Generator().manual_seed(settings.seed)
     shape = (settings.num_images, *image_shape(pipe))
     latents = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=pipe.unet.dtype)
-    total = settings.steps
+    scheduler.set_timesteps(settings.steps)
+    total = len(scheduler.timesteps)  # DPM-Solver's clipped λ range can leave fewer steps than asked
     yield SampleUpdate(0, total, None, latents.float().cpu(), None)
 
     newest, stop, outcome, pred_x0 = _Newest(), threading.Event(), {}, {}
