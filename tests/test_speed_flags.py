@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import tiny_unet
+from helpers import tiny_args, tiny_unet
 from safetensors.torch import load_file
 
 import hf_ddpm.compilation as compilation
@@ -31,7 +31,6 @@ from hf_ddpm.training import TrainingInputError, build_parser, main, parse_args,
 from hf_ddpm.training.launch import dynamo_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = json.dumps({"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "num_groups": 4})
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +43,6 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_args(output_dir: Path, *extra: str, steps: int = 4, batch: int = 8) -> list[str]:
-    return [
-        "--output_dir", str(output_dir), "--resolution", "8", "--unet_overrides", TINY_UNET,
-        "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--lr_warmup_steps", "0",
-        "--sample_steps", "2", "--save_images_steps", "0", "--eval_steps", "0", "--checkpointing_steps", "0",
-        "--logger", "none", *extra,
-    ]  # fmt: skip
 
 
 def run_with_losses(monkeypatch: pytest.MonkeyPatch, output_dir: Path, *extra: str, steps: int = 4, batch: int = 8):
