@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, help="min-SNR-γ weighting of L_simple (5 in the paper); 0 or None: off.")
     add("--ddpm_num_steps", type=int, help="Diffusion steps T.")
     add("--ddpm_beta_schedule", help="β schedule (linear, scaled_linear, squaredcos_cap_v2, sigmoid, ...).")
+    add("--calibrate_variance", type=int, default=0, help="After the last step, estimate Γ_t (Analytic-DPM, Bao et al. 2022) from the first N training images, unaugmented, and store it in the saved scheduler config, so samplers can use analytic_variance=True (as `python -m hf_ddpm.calibrate` does; N >= 3); 0: off.")  # fmt: skip
     add("--timestep_spacing", choices=TIMESTEP_SPACINGS, help="How the saved pipeline spaces fewer sampling steps than T (its scheduler config; training uses all T). leading (diffusers' default) starts at T - T/steps and ends at t=0; trailing starts at t=T-1 (Lin et al. 2023) and ends at T/steps - 1. On the digits model trailing helps deterministic DDIM (η=0, the pipeline's default) at 20 steps and costs η=1 some quality (README, bench_quality).")  # fmt: skip
 
     group = parser.add_argument_group("data")
@@ -272,6 +273,12 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise ValueError(f"--ddpm_beta_schedule: {err}") from err
     learned = args.variance_type in LEARNED_VARIANCE_TYPES
+    if args.calibrate_variance and (args.calibrate_variance < 3 or learned):
+        allowed = "0 (off) or >= 3" if not learned else "0: the analytic variance replaces a fixed variance"
+        raise ValueError(
+            f"--calibrate_variance {args.calibrate_variance} with --variance_type {args.variance_type}: allowed "
+            f"{allowed} (the Monte Carlo estimate needs at least 3 images)."
+        )
     try:
         check_loss_config(args.loss_type, args.variance_type, learned, args.snr_gamma)
     except ValueError as err:

@@ -34,6 +34,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..calibrate import calibrate_pipeline
 from ..data import set_epoch
 from ..models.unet import DDPMUNet
 from ..pipeline import HFDDPMPipeline
@@ -95,14 +96,9 @@ class _Trainer:
         self.optimizer, self.loader = self._build_optimizer(loader)
         self.train_model = self._build_compiled_forward()
         self.train_step = TrainStep(
-            args,
-            accelerator,
-            self.noise_scheduler,
-            self.flat,
-            self.optimizer,
-            channels=setup.channels,
-            channels_last=self.channels_last,
-        )
+            args, accelerator, self.noise_scheduler, self.flat, self.optimizer,
+            channels=setup.channels, channels_last=self.channels_last,
+        )  # fmt: skip
         self.steps_per_epoch, self.num_epochs, self.max_steps = self._count_steps()
         self.lr_scheduler = self._build_lr_scheduler()
         self.ema, self.flat_ema = self._build_ema()
@@ -377,6 +373,8 @@ class _Trainer:
             self._side_work(self.log_grids)
         if args.eval_steps and self.last_eval_step != self.global_step:
             self._side_work(self.evaluate)
+        if self.setup.calibration_images is not None:
+            self._side_work(self.calibrate_variance)
         # The last state is always checkpointed (when checkpointing is on), so a finished run can be extended.
         self._side_work(self.save, bool(args.checkpointing_steps) and self.saved_step != self.global_step, True)
         tensors = list(self.raw.parameters()) + (self.ema.shadow_params if self.ema is not None else [])
@@ -459,6 +457,14 @@ class _Trainer:
         self.accelerator.log(logs, step=self.global_step)
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in logs.items() if k != "eval/seconds")
         logger.info("evaluation at step %d took %.1f s: %s", self.global_step, logs["eval/seconds"], shown)
+
+    def calibrate_variance(self) -> None:
+        """--calibrate_variance (main process): Γ_t of the saved weights into the scheduler config that the final
+        save writes, so the saved pipeline can sample with the analytic variance."""
+        pipeline = HFDDPMPipeline(unet=self.export_unet(), scheduler=self.noise_scheduler)
+        estimate = calibrate_pipeline(pipeline, self.setup.calibration_images.to(self.device), seed=self.args.seed)
+        self.noise_scheduler = pipeline.scheduler
+        logger.info("analytic variance calibrated: %s", estimate.summary())
 
     def _free_ddp_wrapper(self) -> None:
         """Free the DistributedDataParallel wrapper before `end_training` destroys the process group.

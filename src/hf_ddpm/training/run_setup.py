@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data import find_image_column, infer_channels, load_image_dataset, prepare_dataset, shard_stream
-from ..evaluator import Evaluator
+from ..evaluator import Evaluator, first_images
 from ..models.unet import DDPMUNet
 from ..schedulers import DDPMPosteriorScheduler
 from .checkpoints import check_checkpoint_signature, list_checkpoints, read_checkpoint_state, resolve_checkpoint
@@ -39,6 +40,7 @@ class RunSetup:
     resume_step: int
     progress: dict[str, Any]  # the resumed run's measurements so far (empty for a new run)
     evaluator: Evaluator | None = None  # --eval_metrics at each --eval_steps, on every process
+    calibration_images: torch.Tensor | None = None  # --calibrate_variance: [N, C, R, R] in [-1, 1], unaugmented
 
 
 def setup_run(args: argparse.Namespace, accelerator: Accelerator) -> RunSetup:
@@ -90,6 +92,14 @@ def setup_run(args: argparse.Namespace, accelerator: Accelerator) -> RunSetup:
         )
     progress = read_checkpoint_state(checkpoint).get("progress", {}) if checkpoint is not None else {}
     evaluator = build_evaluator(args, raw, column, channels, accelerator)  # last: it may be slow
+    calibration_images = None
+    if args.calibrate_variance and accelerator.is_main_process:
+        calibration_images = first_images(raw, args.resolution, channels, args.calibrate_variance, column)
+        if len(calibration_images) < 3:
+            raise ValueError(
+                f"--calibrate_variance {args.calibrate_variance}: only {len(calibration_images)} readable images."
+            )
     return RunSetup(
-        dataset, channels, unet, noise_scheduler, signature, checkpoint, resume_step, progress, evaluator=evaluator
-    )
+        dataset, channels, unet, noise_scheduler, signature, checkpoint, resume_step, progress, evaluator=evaluator,
+        calibration_images=calibration_images,
+    )  # fmt: skip
