@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .atomic_files import atomic_write
-from .diffusion import GaussianDiffusion, model_output_to_eps
+from .diffusion import GaussianDiffusion, model_output_to_eps, split_model_output
 from .progress import progress_bar
 from .schedulers import PosteriorSchedulerBase
 
@@ -105,7 +105,8 @@ def estimate_gamma(
         x_t = process.q_sample(x0, t, noise)
         output = model(x_t.to(dtype), t)
         output = (output.sample if hasattr(output, "sample") else output).to(torch.float64)
-        eps = model_output_to_eps(output[:, : x0.shape[1]], x_t, process.alpha_bar(t, x_t), prediction_type)
+        prediction, _ = split_model_output(output, x0.shape[1])
+        eps = model_output_to_eps(prediction, x_t, process.alpha_bar(t, x_t), prediction_type)
         a, b = eps.pow(2).flatten(1).mean(1), noise.pow(2).flatten(1).mean(1)  # [B] each
         sums.index_add_(1, t, torch.stack([a, b, a * a, b * b, a * b]))
     gamma, stderr = _regression_estimate(*sums, num_images)

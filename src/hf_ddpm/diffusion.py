@@ -197,6 +197,29 @@ def model_output_to_eps(
     raise AssertionError
 
 
+def split_model_output(
+    model_output: torch.Tensor, channels: int, variance_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, C or 2C, ...] -> the prediction [N, C, ...] and the learned variance values [N, C, ...] or None.
+
+    A learned `variance_type` needs the 2C output; a fixed one drops the variance half (None: keep what is there)."""
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if learned and model_output.shape[1] != 2 * channels:
+        raise ValueError(
+            f"variance_type {variance_type!r} needs a model output with 2×{channels} channels, "
+            f"got {model_output.shape[1]}."
+        )
+    if model_output.shape[1] == 2 * channels:
+        prediction, var_values = model_output[:, :channels], model_output[:, channels:]
+        return prediction, var_values if learned or variance_type is None else None
+    if model_output.shape[1] != channels:
+        raise ValueError(
+            f"model output has {model_output.shape[1]} channels; expected {channels} or {2 * channels} (learned "
+            f"variance) for data with {channels} channels."
+        )
+    return model_output, None
+
+
 def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: Coef, prediction_type: str) -> torch.Tensor:
     """What a network of the given prediction type is regressed onto for x_t = q_sample(x0, noise)."""
     if prediction_type == "epsilon":
@@ -424,14 +447,7 @@ class GaussianDiffusion:
 
         model_output: [N, C, ...], or [N, 2C, ...] for learned variance types (the second half is the variance).
         """
-        var_values = None
-        if variance_type in LEARNED_VARIANCE_TYPES:
-            if model_output.shape[1] != 2 * x_t.shape[1]:
-                raise ValueError(
-                    f"variance_type {variance_type!r} needs a model output with 2×{x_t.shape[1]} channels, "
-                    f"got {model_output.shape[1]}."
-                )
-            model_output, var_values = model_output.chunk(2, dim=1)
+        model_output, var_values = split_model_output(model_output, x_t.shape[1], variance_type)
         alpha_bar = self.alpha_bar(t, x_t)
         pred_x0 = model_output_to_x0(model_output, x_t, alpha_bar, prediction_type)
         if clip_denoised:

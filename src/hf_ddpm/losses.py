@@ -26,6 +26,7 @@ from .diffusion import (
     check_prediction_type,
     mean_flat,
     nats_to_bits_per_dim,
+    split_model_output,
     training_target,
 )
 
@@ -88,18 +89,6 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     return clipped
 
 
-def _split_output(model_output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[N, C or 2C, ...] -> the prediction [N, C, ...] and the variance values [N, C, ...] (or None)."""
-    if model_output.shape[1] == 2 * channels:
-        return model_output[:, :channels], model_output[:, channels:]
-    if model_output.shape[1] != channels:
-        raise ValueError(
-            f"model output has {model_output.shape[1]} channels; expected {channels} or {2 * channels} (learned "
-            f"variance) for data with {channels} channels."
-        )
-    return model_output, None
-
-
 def simple_loss(
     model_output: torch.Tensor,
     x0: torch.Tensor,
@@ -111,7 +100,7 @@ def simple_loss(
 
     x0, noise: [N, C, H, W] (x_t = q_sample(x0, noise)); alpha_bar: ᾱ_t as [N, 1, 1, 1] float64.
     """
-    prediction, _ = _split_output(model_output, x0.shape[1])
+    prediction, _ = split_model_output(model_output, x0.shape[1])
     target = training_target(x0.float(), noise.float(), alpha_bar, prediction_type)
     return mean_flat((prediction.float() - target) ** 2)
 
@@ -132,7 +121,7 @@ def vlb_loss(
     `diffusion`. With `stop_gradient_mean` the prediction half is detached, so only the variance learns from the
     bound (L_hybrid).
     """
-    prediction, var_values = _split_output(model_output.float(), x0.shape[1])
+    prediction, var_values = split_model_output(model_output.float(), x0.shape[1])
     if var_values is None:
         raise ValueError(
             "the VLB loss needs a learned-variance U-Net output (2C channels, learned_variance=True) and "

@@ -7,7 +7,15 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..diffusion import ddim_sigma, ddim_step, eps_from_x0, model_output_to_eps, model_output_to_x0, x0_from_eps
+from ..diffusion import (
+    ddim_sigma,
+    ddim_step,
+    eps_from_x0,
+    model_output_to_eps,
+    model_output_to_x0,
+    split_model_output,
+    x0_from_eps,
+)
 from .base import COMPATIBLE_SCHEDULERS, PosteriorSchedulerBase, PosteriorSchedulerOutput
 
 
@@ -83,8 +91,7 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass either generator or variance_noise, not both.")
         position = self._step_position(timestep)
-        if model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]
+        model_output, _ = split_model_output(model_output, sample.shape[1])
         alpha_bar, alpha_bar_prev = self._alpha_bar[position], self._alpha_bar_prev[position]
         prediction_type = self.config.prediction_type
         pred_x0 = model_output_to_x0(model_output, sample, alpha_bar, prediction_type)
@@ -117,8 +124,7 @@ class DDIMPosteriorScheduler(PosteriorSchedulerBase):
         usual approximation ε̂(x_{t-1}) ≈ ε̂(x_t) of DDIM inversion (Song et al. 2021, section 4.3).
         """
         position = self._step_position(timestep)
-        if model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]
+        model_output, _ = split_model_output(model_output, sample.shape[1])
         alpha_bar_to, alpha_bar_from = self._alpha_bar[position], self._alpha_bar_prev[position]
         pred_eps = model_output_to_eps(model_output, sample, alpha_bar_to, self.config.prediction_type)
         pred_x0 = x0_from_eps(sample, pred_eps, alpha_bar_from)

@@ -14,6 +14,7 @@ from ..diffusion import (
     model_output_to_eps,
     model_output_to_x0,
     posterior_mean,
+    split_model_output,
 )
 from .base import COMPATIBLE_SCHEDULERS, PosteriorSchedulerBase, PosteriorSchedulerOutput
 
@@ -118,14 +119,7 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
             variance_noise: the noise z itself, [N, C, H, W] (no noise is added at the last step).
         """
         position = self._step_position(timestep)
-        var_values = None
-        if model_output.shape[1] == 2 * sample.shape[1] and self.config.variance_type in LEARNED_VARIANCE_TYPES:
-            model_output, var_values = model_output.chunk(2, dim=1)
-        elif self.config.variance_type in LEARNED_VARIANCE_TYPES:
-            raise ValueError(
-                f"variance_type {self.config.variance_type!r} needs a model output with 2×{sample.shape[1]} "
-                f"channels, got {model_output.shape[1]}."
-            )
+        model_output, var_values = split_model_output(model_output, sample.shape[1], self.config.variance_type)
         alpha_bar, alpha_bar_prev = self._alpha_bar[position], self._alpha_bar_prev[position]
         pred_x0 = self._postprocess_x0(
             model_output_to_x0(model_output, sample, alpha_bar, self.config.prediction_type)
@@ -160,8 +154,7 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
         t = int(timestep)
         if not 0 <= t < self.config.num_train_timesteps:
             raise ValueError(f"timestep must lie in [0, {self.config.num_train_timesteps - 1}], got {t}.")
-        if model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]
+        model_output, _ = split_model_output(model_output, sample.shape[1])
         alpha_bar = float(self.diffusion.alphas_cumprod[t])
         eps = model_output_to_eps(model_output, sample, alpha_bar, self.config.prediction_type)
         if noise is None:
