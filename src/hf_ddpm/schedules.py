@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .validation import check_int
+
 BETA_SCHEDULES = (
     "linear",
     "scaled_linear",
@@ -159,8 +161,7 @@ def make_betas(
     Raises:
         ValueError: naming the schedule and the offending value, for anything outside (0, 1].
     """
-    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}.")
+    check_int("num_train_timesteps", num_train_timesteps, 1)
     if trained_betas is not None:
         name = "trained_betas"
         betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))

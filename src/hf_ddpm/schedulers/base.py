@@ -20,6 +20,7 @@ from ..diffusion import (
 )
 from ..loading import check_local_component
 from ..schedules import diffusers_solver_keys, make_betas
+from ..validation import check_int
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' schedulers that sample our models from `from_config(ours.config)` (tests/test_diffusers_solvers.py), and
@@ -111,8 +112,7 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"Unknown timestep_spacing {config.timestep_spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}."
             )
-        if not isinstance(config.steps_offset, (int, np.integer)) or config.steps_offset < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0, got {config.steps_offset!r}.")
+        check_int("steps_offset", config.steps_offset, 0)
         _check_positive("clip_sample_range", config.clip_sample_range)
         _check_positive("sample_max_value", config.sample_max_value)
         if not 0 < config.dynamic_thresholding_ratio <= 1:
@@ -182,10 +182,7 @@ class PosteriorSchedulerBase(SchedulerMixin, ConfigMixin):
             self.num_inference_steps = len(values)
             self._use_timesteps(np.asarray(values, dtype=np.int64), device)
             return
-        if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
-            raise ValueError(
-                f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), got {num_inference_steps!r}."
-            )
+        check_int("num_inference_steps", num_inference_steps, 1, T, "(num_train_timesteps)")
         self.custom_timesteps = False
         self.num_inference_steps = int(num_inference_steps)
         spaced = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)

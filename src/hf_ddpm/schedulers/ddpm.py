@@ -16,6 +16,7 @@ from ..diffusion import (
     posterior_mean,
     split_model_output,
 )
+from ..validation import check_int
 from .base import COMPATIBLE_SCHEDULERS, PosteriorSchedulerBase, PosteriorSchedulerOutput
 
 
@@ -76,8 +77,7 @@ class DDPMPosteriorScheduler(PosteriorSchedulerBase):
                 f"analytic_variance replaces a fixed variance; it cannot be combined with the learned "
                 f"variance_type {variance_type!r} (allowed: fixed_small, fixed_small_log, fixed_large, fixed_large_log)."
             )
-        if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 0:
-            raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
+        check_int("corrector_steps", corrector_steps, 0)
         if not corrector_snr > 0:
             raise ValueError(f"corrector_snr must be > 0, got {corrector_snr!r}.")
         self.variance_type = variance_type
