@@ -17,6 +17,10 @@ trained for the same CPU time — the digits analogue of Table 1 of Song et al. 
 * Each FID is the mean over `--seeds` sampling seeds, with its standard error: at 899 samples one seed's digits-FID
   varies by 10-40% between seeds (e.g. DDIM-20 η=0 of one model: 2.15, 3.20, 2.95, 1.90 at seeds 0-3), more than
   the differences the goals are about, so a single seed cannot tell whether a goal is met.
+* Fast samplers (issue 16): diffusers' DPM-Solver++(2M) and UniPC, swapped in as a user does
+  (`XScheduler.from_config(pipe.scheduler.config)`), at the two fewest DDIM step counts; and, for a model whose
+  scheduler config carries the calibration of `python -m hf_ddpm.calibrate`, our DDPM (10 and 100 steps) and DDIM
+  (η = 0, 10 and 20 steps) with the analytic variance (Bao et al. 2022). Same seeds and samples as the other rows.
 * digits-FID: Fréchet distance in the features of the package's digits classifier (`hf_ddpm.fid`) against half A
   of the real digits (898 images); the floor is real half B's first `--num_samples` images against the same half A,
   so the floor and the models are measured alike (FD grows as N shrinks). Classes: how many of the ten digits the
@@ -26,6 +30,7 @@ trained for the same CPU time — the digits analogue of Table 1 of Song et al. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -37,16 +42,27 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import DPMSolverMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
 from diffusers_recipe import train_unconditional_recipe
 
-from hf_ddpm import DDPMPosteriorScheduler, HFDDPMPipeline
+from hf_ddpm import DDIMPosteriorScheduler, DDPMPosteriorScheduler, HFDDPMPipeline
 from hf_ddpm.data import digits_dataset, prepare_dataset
 from hf_ddpm.evaluator import EvalConfig, evaluate_pipeline, generate, real_images
 from hf_ddpm.fid import DigitsClassifierExtractor, FeatureStats, digits_halves, real_vs_real_floor
 
 DDIM_STEPS = (10, 20, 50, 100)
 QUICK_DDIM_STEPS = (5, 10)
+# Rows beyond DDIM/DDPM: how each scheduler is built from the model's scheduler config.
+SOLVERS = {
+    "dpmsolver++": DPMSolverMultistepScheduler.from_config,  # diffusers' defaults: DPM-Solver++, 2nd order, multistep
+    "unipc": UniPCMultistepScheduler.from_config,
+}
+ANALYTIC = {
+    "ddpm-analytic": functools.partial(DDPMPosteriorScheduler.from_config, analytic_variance=True),
+    "ddim-analytic": functools.partial(DDIMPosteriorScheduler.from_config, analytic_variance=True),
+}
+LABELS = {"dpmsolver++": "DPM-Solver++(2M)", "unipc": "UniPC", "ddpm-analytic": "analytic DDPM",
+          "ddim-analytic": "analytic DDIM eta=0"}  # fmt: skip
 
 
 def train_ours(output_dir: Path, max_steps: int | None) -> tuple[HFDDPMPipeline, float]:
@@ -76,17 +92,26 @@ def train_theirs(like: torch.nn.Module, cpu_seconds: float, quick: bool) -> tupl
 def sampler_table(
     pipe, reference: FeatureStats, extractor, num_samples: int, ddim_steps, ddpm_steps: int, seeds: int, label: str
 ) -> list:
-    """[{sampler, steps, eta, fid, fid_stderr, fids, classes, confidence, seconds}] for DDIM η=0/1 at `ddim_steps`
-    and DDPM; `fid` is the mean over sampling seeds 0..seeds-1 (`num_samples` images each), `classes` the fewest
-    digits any seed's samples showed."""
+    """[{sampler, steps, eta, fid, fid_stderr, fids, classes, confidence, seconds}] for DDIM η=0/1 at `ddim_steps`,
+    DDPM, the `SOLVERS` at the two fewest DDIM step counts and, for a calibrated model, the `ANALYTIC` samplers;
+    `fid` is the mean over sampling seeds 0..seeds-1 (`num_samples` images each), `classes` the fewest digits any
+    seed's samples showed."""
+    fast = ddim_steps[:2]
     runs = [("ddim", s, eta) for eta in (0.0, 1.0) for s in ddim_steps] + [("ddpm", ddpm_steps, 0.0)]
+    runs += [(name, s, 0.0) for name in SOLVERS for s in fast]
+    if pipe.scheduler.config.get("analytic_gamma") is not None:
+        runs += [("ddpm-analytic", s, 0.0) for s in dict.fromkeys((fast[0], ddpm_steps // 10))]
+        runs += [("ddim-analytic", s, 0.0) for s in fast]
+    builders = {**SOLVERS, **ANALYTIC}
     rows = []
     pipe.set_progress_bar_config(disable=True)
     for scheduler, steps, eta in runs:
         start = time.perf_counter()
         fids, reports = [], []
         for seed in range(seeds):
-            images = generate(pipe, num_samples, scheduler, steps, eta, seed=seed, batch_size=256)
+            images = generate(
+                pipe, num_samples, builders.get(scheduler, scheduler), steps, eta, seed=seed, batch_size=256
+            )
             fids.append(reference.frechet_distance(FeatureStats.from_features(extractor.extract(images))))
             reports.append(extractor.report(images))
         mean = statistics.fmean(fids)
@@ -128,6 +153,10 @@ def print_table(title: str, rows: list, ddim_steps) -> None:
     for eta in (0.0, 1.0):
         print(f"  {f'DDIM eta={eta:g}':<16}" + "".join(f"{fids[('ddim', s, eta)]:>12}" for s in ddim_steps))
     print(f"  DDPM ancestral, {ddpm['steps']} steps: {fids[('ddpm', ddpm['steps'], 0.0)]}")
+    for name, label in LABELS.items():
+        cells = [f"{r['steps']} steps {fids[(name, r['steps'], 0.0)]}" for r in rows if r["sampler"] == name]
+        if cells:
+            print(f"  {label:<20}" + ", ".join(cells))
 
 
 def main() -> None:
@@ -200,6 +229,13 @@ def main() -> None:
         },
         "ours / diffusers, DDPM (goal <= 0.5)": ours_fid[ddpm_key] / fid["diffusers"][ddpm_key],
         "ours / diffusers, best sampler (goal <= 0.5)": min(ours_fid.values()) / min(fid["diffusers"].values()),
+        # issue 16: the best 10-step sampler, and the analytic DDPM-100 (NaN without a calibrated model or in --quick)
+        "best 10-step sampler / DDPM (goal <= 1.2)": min(
+            (v for (_, steps, _), v in ours_fid.items() if steps == 10), default=float("nan")
+        )
+        / ours_fid[ddpm_key],
+        "analytic DDPM-100 / DDPM (goal <= 1.1)": ours_fid.get(("ddpm-analytic", 100, 0.0), float("nan"))
+        / ours_fid[ddpm_key],
     }
     print("\ngoals")
     for label, value in goals.items():

@@ -60,7 +60,10 @@ def test_bench_bf16_conv_quick(tmp_path: Path) -> None:
 def test_bench_quality_quick(tmp_path: Path) -> None:
     result = run_benchmark("bench_quality.py", tmp_path, "--jobs", "2")
     assert result["seeds"] == 2 and result["floor"] > 0
-    assert set(result["goals"]) >= {"ours / diffusers, DDPM (goal <= 0.5)"}
+    assert set(result["goals"]) >= {
+        "ours / diffusers, DDPM (goal <= 0.5)",
+        "best 10-step sampler / DDPM (goal <= 1.2)",
+    }
     ratios = {
         f"DDIM-{n} eta={eta} / DDPM (goal <= {limit})" for n, limit in ((50, "1.10"), (20, "1.25")) for eta in (0, 1)
     }
@@ -69,7 +72,12 @@ def test_bench_quality_quick(tmp_path: Path) -> None:
     assert result["diffusers_run"]["cpu_seconds"] >= result["cpu_seconds"] > 0
     for name in ("hf_ddpm", "diffusers"):
         rows = result[name]["samplers"]
-        assert len(rows) == 5 and all(row["fid"] > 0 and 0 <= row["classes"] <= 10 for row in rows)
+        samplers = [row["sampler"] for row in rows]
+        # DDIM η=0/1 and DPM-Solver++/UniPC at 5 and 10 steps, DDPM; analytic DDPM-5, DDIM-5/10 if calibrated
+        assert samplers.count("ddim") == 4 and samplers.count("ddpm") == 1
+        assert samplers.count("dpmsolver++") == samplers.count("unipc") == 2
+        assert len(rows) == 9 + 3 * ("ddpm-analytic" in samplers)
+        assert all(row["fid"] > 0 and 0 <= row["classes"] <= 10 for row in rows)
         # each FID is the mean of two seeds' (--quick), with its standard error
         assert all(len(row["fids"]) == 2 and row["fid"] == pytest.approx(sum(row["fids"]) / 2) for row in rows)
         assert all(row["fid_stderr"] >= 0 for row in rows)

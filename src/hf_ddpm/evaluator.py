@@ -102,10 +102,20 @@ def real_images(
 
 
 @torch.no_grad()
-def generate(pipe, num_images: int, scheduler: str, steps: int, eta: float, seed: int, batch_size: int = 64):
-    """`num_images` samples [N, C, H, W] in [0, 1] with the named sampler, built from the pipeline's config."""
+def generate(
+    pipe,
+    num_images: int,
+    scheduler: str | Callable[[Any], Any],
+    steps: int,
+    eta: float,
+    seed: int,
+    batch_size: int = 64,
+):
+    """`num_images` samples [N, C, H, W] in [0, 1] with the named sampler (`SCHEDULERS`), or the scheduler that
+    `scheduler(config)` builds (e.g. `DPMSolverMultistepScheduler.from_config`), from the pipeline's config."""
     original = pipe.scheduler
-    pipe.scheduler = SCHEDULERS[scheduler].from_config(original.config)
+    build = SCHEDULERS[scheduler].from_config if isinstance(scheduler, str) else scheduler
+    pipe.scheduler = build(original.config)
     try:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images = [
