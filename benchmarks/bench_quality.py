@@ -169,8 +169,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per sampler, FID averaged (default: 3)")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=1, help="2: sample the two models in parallel processes (default: 1)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="30 training steps, 2 DDIM step counts, DDPM 50 steps")
+    parser.add_argument("--ours_only", action="store_true", help="with --model: sample it alone, no diffusers recipe (the goals against it print nan)")  # fmt: skip
     args = parser.parse_args()
-    if args.model and args.cpu_seconds is None:
+    if args.ours_only and not args.model:
+        parser.error("--ours_only needs --model (an hf_ddpm pipeline folder to sample)")
+    if args.model and args.cpu_seconds is None and not args.ours_only:
         parser.error("--model needs --cpu_seconds (the CPU time its training took), the diffusers recipe's budget")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -189,19 +192,25 @@ def main() -> None:
         else:
             ours_dir = Path(args.output_dir or tmp) / "hf-ddpm"
             ours, cpu_seconds = train_ours(ours_dir, 30 if args.quick else None)
-        print(f"# hf_ddpm: {cpu_seconds:.0f} CPU s of training; diffusers' recipe gets the same", flush=True)
-        theirs, their_run = train_theirs(ours.unet, cpu_seconds, args.quick)
-        print(f"# diffusers recipe: {their_run['steps']} steps of batch 16 in {their_run['cpu_seconds']:.0f} CPU s")
-        theirs_dir = Path(tmp) / "diffusers"
-        theirs.save_pretrained(theirs_dir)  # safetensors; a worker process loads it back
+        work = {"hf_ddpm": os.fspath(ours_dir)}
+        their_run = None
+        if not args.ours_only:
+            print(f"# hf_ddpm: {cpu_seconds:.0f} CPU s of training; diffusers' recipe gets the same", flush=True)
+            theirs, their_run = train_theirs(ours.unet, cpu_seconds, args.quick)
+            print(
+                f"# diffusers recipe: {their_run['steps']} steps of batch 16 in {their_run['cpu_seconds']:.0f} CPU s"
+            )
+            work["diffusers"] = os.fspath(Path(tmp) / "diffusers")
+            theirs.save_pretrained(work["diffusers"])  # safetensors; a worker process loads it back
 
         floor = real_vs_real_floor(DigitsClassifierExtractor(), num_images=num_samples)
         result = {"num_samples": num_samples, "seeds": args.seeds, "floor": floor, "cpu_seconds": cpu_seconds,
                   "diffusers_run": their_run}  # fmt: skip
-        work = {"hf_ddpm": os.fspath(ours_dir), "diffusers": os.fspath(theirs_dir)}
         common = (num_samples, ddim_steps, ddpm_steps, args.seeds, args.threads)
-        print(f"# sampling both models, {args.seeds} seeds of {num_samples} images per sampler", flush=True)
-        if args.jobs > 1:  # one process per model: sampling is most of the run, and seeded, so this changes no figure
+        print(f"# sampling {', '.join(work)}, {args.seeds} seeds of {num_samples} images per sampler", flush=True)
+        if (
+            args.jobs > 1 and len(work) > 1
+        ):  # one process per model: sampling is most of the run, and seeded, so this changes no figure
             with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {name: pool.submit(sample_model, name, folder, *common) for name, folder in work.items()}
                 result.update({name: future.result() for name, future in futures.items()})
@@ -212,12 +221,13 @@ def main() -> None:
         f"\ndigits-FID, mean ± standard error over {args.seeds} sampling seeds of {num_samples} samples; "
         f"real-vs-real floor at that size: {floor:.3f}"
     )
-    for name in ("hf_ddpm", "diffusers"):
+    for name in work:
         title = f"{name}: bits/dim {result[name]['bpd']:.3f} ± {result[name]['bpd_stderr']:.3f}"
         print_table(title, result[name]["samplers"], ddim_steps)
-    fid = {name: {(r["sampler"], r["steps"], r["eta"]): r["fid"] for r in result[name]["samplers"]} for name in
-           ("hf_ddpm", "diffusers")}  # fmt: skip
-    ours_fid, ddpm_key = fid["hf_ddpm"], ("ddpm", ddpm_steps, 0.0)
+    fid = {name: {(r["sampler"], r["steps"], r["eta"]): r["fid"] for r in result[name]["samplers"]} for name in work}
+    ddpm_key = ("ddpm", ddpm_steps, 0.0)
+    theirs_fid = fid.get("diffusers", {ddpm_key: float("nan")})  # --ours_only: the goals against it print nan
+    ours_fid = fid["hf_ddpm"]
     ddim_fid = lambda steps, eta: ours_fid.get(("ddim", steps, eta), float("nan"))  # noqa: E731 - absent in --quick
     goals = {
         "demo DDIM-50 FID / floor (goal <= 3)": ddim_fid(50, 0.0) / floor,
@@ -227,8 +237,8 @@ def main() -> None:
             for steps, limit in ((50, 1.10), (20, 1.25))
             for eta in (0.0, 1.0)
         },
-        "ours / diffusers, DDPM (goal <= 0.5)": ours_fid[ddpm_key] / fid["diffusers"][ddpm_key],
-        "ours / diffusers, best sampler (goal <= 0.5)": min(ours_fid.values()) / min(fid["diffusers"].values()),
+        "ours / diffusers, DDPM (goal <= 0.5)": ours_fid[ddpm_key] / theirs_fid[ddpm_key],
+        "ours / diffusers, best sampler (goal <= 0.5)": min(ours_fid.values()) / min(theirs_fid.values()),
         # issue 16: the best 10-step sampler, and the analytic DDPM-100 (NaN without a calibrated model or in --quick)
         "best 10-step sampler / DDPM (goal <= 1.2)": min(
             (v for (_, steps, _), v in ours_fid.items() if steps == 10), default=float("nan")
