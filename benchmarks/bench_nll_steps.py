@@ -32,7 +32,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=8, help="leading digits left out (the calibration's)")
     parser.add_argument("--steps", default="10,25,50,100,200,1000", help="comma-separated K")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="8 images, K = 2 and 10: checks that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.num_images, args.steps = 8, "2,10"
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = HFDDPMPipeline.from_pretrained(args.model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,23 @@ def test_bench_quality_quick(tmp_path: Path) -> None:
         assert all(len(row["fids"]) == 2 and row["fid"] == pytest.approx(sum(row["fids"]) / 2) for row in rows)
         assert all(row["fid_stderr"] >= 0 for row in rows)
         assert result[name]["bpd"] > 0
+
+
+def test_bench_nll_steps_quick(tmp_path: Path) -> None:
+    """Both K-step bounds of the bundled (calibrated) model, on the same images and noise; an uncalibrated model is
+    refused with the command that calibrates it."""
+    rows = run_benchmark("bench_nll_steps.py", tmp_path, "--model", str(REPO / "spaces" / "hf-ddpm" / "model"))
+    assert [row["K"] for row in rows] == [2, 10]
+    assert all(0 < row["analytic"] < float("inf") and 0 < row["fixed"] < float("inf") for row in rows)
+
+    plain = tmp_path / "plain"
+    shutil.copytree(REPO / "spaces" / "hf-ddpm" / "model", plain)
+    config_path = plain / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("analytic_gamma")
+    config_path.write_text(json.dumps(config))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_nll_steps.py"), "--quick", "--model", str(plain)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "python -m hf_ddpm.calibrate" in proc.stderr
