@@ -18,10 +18,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import check_compile, compile_kwargs
 from .diffusers_repos import load_diffusers_ddpm_parts
-from .diffusion import LEARNED_VARIANCE_TYPES
+from .diffusion import LEARNED_VARIANCE_TYPES, split_model_output
+from .progress import pipeline_progress_bar
+from .registration import LIBRARY_NAME
 from .schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler
+from .validation import check_int
 
-LIBRARY_NAME = "hf_ddpm"
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Schedulers whose step reads a learned variance from the second half of the model output; every other one (DDIM,
 # the ODE/SDE solvers, DPMSolver's fixed `[:, :3]` slice) gets the ε / x_0 / v half only.
@@ -105,16 +107,10 @@ class HFDDPMPipeline(DiffusionPipeline):
     # --- helpers -------------------------------------------------------------------------------------------------------
 
     def _check_call(self, batch_size: int, num_inference_steps: int | None, output_type: str) -> None:
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        T = self.scheduler.config.num_train_timesteps
-        if num_inference_steps is not None and (
-            not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an integer in [1, {T}] (the scheduler's num_train_timesteps), "
-                f"got {num_inference_steps!r}."
-            )
+        check_int("batch_size", batch_size, 1)
+        if num_inference_steps is not None:
+            T = self.scheduler.config.num_train_timesteps
+            check_int("num_inference_steps", num_inference_steps, 1, T, "(the scheduler's num_train_timesteps)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}.")
         size, factor = self.unet.config.sample_size, _downsampling_factor(self.unet)
@@ -133,6 +129,11 @@ class HFDDPMPipeline(DiffusionPipeline):
     def _scheduler_takes(self, name: str) -> bool:
         return name in inspect.signature(self.scheduler.step).parameters
 
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        """diffusers' progress bar, writing one line per update when not attached to a terminal (logs stay
+        readable)."""
+        return pipeline_progress_bar(self, iterable, total)
+
     def _model_output(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # In the latents' dtype: under autocast the U-Net returns bf16/fp16, the scheduler's math stays in float32.
         output = self.unet(sample, t).sample.to(sample.dtype)
@@ -142,9 +143,7 @@ class HFDDPMPipeline(DiffusionPipeline):
             isinstance(self.scheduler, _READS_LEARNED_VARIANCE)
             and self.scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
         )
-        if output.shape[1] == 2 * channels and not keeps_variance:
-            output = output[:, :channels]
-        return output
+        return output if keeps_variance else split_model_output(output, channels)[0]
 
     def _postprocess(
         self, images: torch.Tensor, output_type: str
@@ -292,8 +291,7 @@ class HFDDPMPipeline(DiffusionPipeline):
     def _corrector_steps(self, corrector_steps: int | None) -> int:
         if corrector_steps is None:
             corrector_steps = self.scheduler.config.get("corrector_steps", 0) or 0
-        if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 0:
-            raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
+        check_int("corrector_steps", corrector_steps, 0)
         if corrector_steps and not hasattr(self.scheduler, "langevin_step"):
             raise ValueError(
                 f"corrector_steps={corrector_steps} needs a scheduler with a Langevin corrector "
