@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from matplotlib.figure import Figure
 
 from hf_ddpm import DDIMPosteriorScheduler, DDPMPosteriorScheduler, HFDDPMPipeline, make_betas
+from hf_ddpm import images as pictures
 from hf_ddpm.diffusion import GaussianDiffusion, q_sample, snr
 from hf_ddpm.schedulers.base import TIMESTEP_SPACINGS
 
@@ -407,36 +408,19 @@ def to_uint8(x: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (-
     return np.clip(np.rint((np.asarray(x, dtype=np.float64) - low) / (high - low) * 255), 0, 255).astype(np.uint8)
 
 
-def _pil(image: np.ndarray) -> PIL.Image.Image:
-    return PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
 def upscale(image: np.ndarray, min_size: int = TILE) -> PIL.Image.Image:
     """uint8 [H, W, C] -> a PIL image enlarged by a whole factor (nearest) so that its height is >= min_size."""
-    scale = max(1, math.ceil(min_size / image.shape[0]))
-    pil = _pil(image)
-    return pil.resize((pil.width * scale, pil.height * scale), PIL.Image.Resampling.NEAREST)
+    return pictures.upscale(image, min_size)
 
 
 def grid_size(num_images: int, height: int, width: int) -> tuple[int, int]:
     """(width, height) in pixels of `make_grid`'s picture of `num_images` images of height x width."""
-    cols = math.ceil(math.sqrt(num_images))
-    rows = math.ceil(num_images / cols)
-    scale = max(1, math.ceil(TILE / height))
-    return cols * width * scale + (cols + 1) * GRID_PAD, rows * height * scale + (rows + 1) * GRID_PAD
+    return pictures.grid_size(num_images, height, width, TILE, GRID_PAD, margin=GRID_PAD)
 
 
-def make_grid(images: np.ndarray) -> PIL.Image.Image:
+def make_grid(samples: np.ndarray) -> PIL.Image.Image:
     """uint8 [N, H, W, C] -> one upscaled picture, ⌈√N⌉ columns, white gaps of GRID_PAD pixels."""
-    n = images.shape[0]
-    tiles = [upscale(image) for image in images]
-    cols = math.ceil(math.sqrt(n))
-    width, height = grid_size(n, images.shape[1], images.shape[2])
-    canvas = PIL.Image.new(tiles[0].mode, (width, height), color=255 if tiles[0].mode == "L" else (255, 255, 255))
-    step_x, step_y = tiles[0].width + GRID_PAD, tiles[0].height + GRID_PAD
-    for k, tile in enumerate(tiles):
-        canvas.paste(tile, (GRID_PAD + (k % cols) * step_x, GRID_PAD + (k // cols) * step_y))
-    return canvas
+    return pictures.image_grid(samples, min_tile=TILE, gap=GRID_PAD, fill=255, margin=GRID_PAD)
 
 
 # --- the forward process -----------------------------------------------------------------------------------------
