@@ -215,11 +215,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hf_ddpm.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a pipeline folder (updated in place) or Hub repo id")
-    parser.add_argument(
-        "--dataset", default=None, help="Hub id, image folder or save_to_disk folder (default: digits)"
-    )
-    parser.add_argument("--image_column", default=None, help="the image column (default: found)")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    from .evaluator import add_dataset_arguments
+
+    add_dataset_arguments(parser)
     parser.add_argument("--num_samples", type=int, required=True, help=f"images per timestep (>= {MIN_SAMPLES})")
     parser.add_argument("--output", default=None, help="write a calibrated copy of the pipeline here instead")
     parser.add_argument("--batch_size", type=int, default=256, help="model inputs per forward pass (default: 256)")

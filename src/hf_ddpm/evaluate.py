@@ -12,17 +12,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .evaluator import BPD_MODES, SCHEDULERS, EvalConfig, evaluate_pipeline, real_images
+from .evaluator import BPD_MODES, SCHEDULERS, EvalConfig, add_dataset_arguments, evaluate_pipeline, real_images
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hf_ddpm.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a pipeline folder or Hub repo id")
-    parser.add_argument(
-        "--dataset", default=None, help="Hub id, image folder or save_to_disk folder (default: digits)"
-    )
-    parser.add_argument("--image_column", default=None, help="the image column (default: found)")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    add_dataset_arguments(parser)
     parser.add_argument("--metrics", default="bpd,fid", help="comma-separated: bpd, fid (default: bpd,fid)")
     parser.add_argument("--num_samples", type=int, default=256, help="real images for bpd and FID (default: 256)")
     parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler (default: ddim)")

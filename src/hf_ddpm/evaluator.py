@@ -6,6 +6,7 @@ its share of the samples (`Shard`). What it measures and how is one `EvalConfig`
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +84,15 @@ def first_images(
     if not batches:
         raise ValueError("none of the dataset's images could be read")
     return torch.cat(batches)[:num_images]
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags that name the real images (`real_images`): --dataset, --image_column, --split."""
+    parser.add_argument(
+        "--dataset", default=None, help="Hub id, image folder or save_to_disk folder (default: digits)"
+    )
+    parser.add_argument("--image_column", default=None, help="the image column (default: found)")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
 
 
 def real_images(
