@@ -7,7 +7,10 @@ module before it points `HF_ENDPOINT` at the local Hub server.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import math
 import os
 import re
 import socket
@@ -18,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import PIL.Image
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,3 +263,58 @@ def oracle_variational_bound(num_train_timesteps: int, num_samples: int = 4000) 
         out = process.p_mean_variance(oracle(x_t, t), x_t, t, "epsilon", "fixed_small")
         total += process.vlb_term(x0, x_t, t, out["mean"], out["log_variance"], decoder="gaussian").mean().item()
     return total
+
+
+# --- the Gaussian oracle's exact sampler laws, and the Space through gradio_client ---------------------------------
+
+
+def exact_sampler_moments(alphas_cumprod: torch.Tensor, timesteps: list[int], eta: float, ddim: bool):
+    """The sampler's output law, propagated exactly: every step is affine in x_t plus Gaussian noise.
+
+    Written from the papers' formulas, independently of hf_ddpm: with a = √ᾱ_t, b = √(1-ᾱ_t), v = a²s² + b²,
+    x̂_0 = m + a s² (x - a m) / v and ε̂ = b (x - a m) / v. DDPM: x' = c₀ x̂_0 + c₁ x + σ z (eq. 7, Ho); DDIM:
+    x' = a' x̂_0 + √(1 - ā' - σ²) ε̂ + σ z (eq. 12, Song); σ² = η² β̃ of the pair (DDPM: η = 1, none at the end).
+    """
+    mean, var = 0.0, 1.0
+    ab = alphas_cumprod.tolist()
+    for i, t in enumerate(timesteps):
+        ab_t = ab[t]
+        ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        a, b, a_prev = math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_prev)
+        v = ab_t * STD**2 + 1 - ab_t
+        gain_x0, gain_eps = a * STD**2 / v, b / v  # d x̂_0 / dx and d ε̂ / dx
+        beta = 1 - ab_t / ab_prev
+        tilde_beta = (1 - ab_prev) / (1 - ab_t) * beta
+        last = i + 1 == len(timesteps)
+        sigma2 = 0.0 if last else eta**2 * tilde_beta
+        if ddim:
+            direction = math.sqrt(max(1 - ab_prev - sigma2, 0.0))
+            gain = a_prev * gain_x0 + direction * gain_eps
+            new_mean = a_prev * (MEAN + gain_x0 * (mean - a * MEAN)) + direction * gain_eps * (mean - a * MEAN)
+        else:
+            c0, c1 = a_prev * beta / (1 - ab_t), math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
+            gain = c0 * gain_x0 + c1
+            new_mean = c0 * (MEAN + gain_x0 * (mean - a * MEAN)) + c1 * mean
+        mean, var = new_mean, gain**2 * var + sigma2
+    return mean, var
+
+
+def served_image(file: dict | str) -> PIL.Image.Image:
+    """A served file (gradio_client's FileData dict) or a base64 PNG data URL, as a PIL image."""
+    if isinstance(file, str):
+        assert file.startswith("data:image/png;base64,")
+        return PIL.Image.open(io.BytesIO(base64.b64decode(file.split(",", 1)[1])))
+    for attempt in range(3):  # a keep-alive connection the server just closed fails once, harmlessly
+        try:
+            response = httpx.get(file["url"], timeout=30)
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+    assert response.status_code == 200, file
+    return PIL.Image.open(io.BytesIO(response.content))
+
+
+def generate_on_space(client, sampler="DDIM", steps=5, eta=0.0, spacing="leading", seed=0, num_images=4, corrector=1):
+    """Submit /generate to a gradio_client `client` of the Space; returns the job."""
+    return client.submit(sampler, steps, eta, spacing, seed, num_images, corrector, api_name="/generate")

@@ -30,8 +30,7 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from helpers import SPACE_DIR
-from test_oracle import MEAN, STD, GaussianOracle, _exact_sampler_moments
+from helpers import MEAN, SPACE_DIR, STD, GaussianOracle, exact_sampler_moments
 
 from hf_ddpm import DDIMPosteriorScheduler, DDPMPosteriorScheduler, HFDDPMPipeline
 from hf_ddpm.diffusion import GaussianDiffusion
@@ -132,7 +131,7 @@ def expected_law(pipe: HFDDPMPipeline, name: str, steps: int = 50) -> tuple[floa
     ours = DDIMPosteriorScheduler.from_config(pipe.scheduler.config)
     ours.set_timesteps(steps)  # trailing: Euler's steps, on the same integer timesteps
     alphas_cumprod, timesteps = ours.diffusion.alphas_cumprod, ours.timesteps.tolist()
-    return (*_exact_sampler_moments(alphas_cumprod, timesteps, EULER_ETA[name], True), 0.0)
+    return (*exact_sampler_moments(alphas_cumprod, timesteps, EULER_ETA[name], True), 0.0)
 
 
 @pytest.mark.parametrize("beta_schedule", ["cosine", "linear"])
@@ -153,7 +152,7 @@ def test_diffusers_ddpm_ddim_match_their_exact_law_on_the_oracle(name: str) -> N
     x = sample_x0(pipe)
     ours.set_timesteps(50)
     eta = 1.0 if name == "ddpm" else 0.0
-    mean, var = _exact_sampler_moments(ours.diffusion.alphas_cumprod, ours.timesteps.tolist(), eta, name == "ddim")
+    mean, var = exact_sampler_moments(ours.diffusion.alphas_cumprod, ours.timesteps.tolist(), eta, name == "ddim")
     assert_gaussian(x, mean, var)
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import MEAN, STD, GaussianOracle, oracle_variational_bound
+from helpers import MEAN, STD, GaussianOracle, exact_sampler_moments, oracle_variational_bound
 
 from hf_ddpm import diffusion as D
 from hf_ddpm.schedulers import DDIMPosteriorScheduler, DDPMPosteriorScheduler
@@ -25,37 +25,6 @@ def _moments_match(x: torch.Tensor, mean: float = MEAN, variance: float = STD**2
     n = x.numel()
     assert x.mean().item() == pytest.approx(mean, abs=4 * math.sqrt(variance / n))
     assert x.var().item() == pytest.approx(variance, abs=4 * variance * math.sqrt(2 / n))
-
-
-def _exact_sampler_moments(alphas_cumprod: torch.Tensor, timesteps: list[int], eta: float, ddim: bool):
-    """The sampler's output law, propagated exactly: every step is affine in x_t plus Gaussian noise.
-
-    Written from the papers' formulas, independently of hf_ddpm: with a = √ᾱ_t, b = √(1-ᾱ_t), v = a²s² + b²,
-    x̂_0 = m + a s² (x - a m) / v and ε̂ = b (x - a m) / v. DDPM: x' = c₀ x̂_0 + c₁ x + σ z (eq. 7, Ho); DDIM:
-    x' = a' x̂_0 + √(1 - ā' - σ²) ε̂ + σ z (eq. 12, Song); σ² = η² β̃ of the pair (DDPM: η = 1, none at the end).
-    """
-    mean, var = 0.0, 1.0
-    ab = alphas_cumprod.tolist()
-    for i, t in enumerate(timesteps):
-        ab_t = ab[t]
-        ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-        a, b, a_prev = math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_prev)
-        v = ab_t * STD**2 + 1 - ab_t
-        gain_x0, gain_eps = a * STD**2 / v, b / v  # d x̂_0 / dx and d ε̂ / dx
-        beta = 1 - ab_t / ab_prev
-        tilde_beta = (1 - ab_prev) / (1 - ab_t) * beta
-        last = i + 1 == len(timesteps)
-        sigma2 = 0.0 if last else eta**2 * tilde_beta
-        if ddim:
-            direction = math.sqrt(max(1 - ab_prev - sigma2, 0.0))
-            gain = a_prev * gain_x0 + direction * gain_eps
-            new_mean = a_prev * (MEAN + gain_x0 * (mean - a * MEAN)) + direction * gain_eps * (mean - a * MEAN)
-        else:
-            c0, c1 = a_prev * beta / (1 - ab_t), math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
-            gain = c0 * gain_x0 + c1
-            new_mean = c0 * (MEAN + gain_x0 * (mean - a * MEAN)) + c1 * mean
-        mean, var = new_mean, gain**2 * var + sigma2
-    return mean, var
 
 
 def _sample(scheduler, steps: int, seed: int = 0, corrector_steps: int = 0, **step_kwargs) -> torch.Tensor:
@@ -83,7 +52,7 @@ def test_samplers_reproduce_the_data_distribution(kind, steps, eta, max_bias):
     else:
         scheduler, kwargs = DDIMPosteriorScheduler(clip_sample=False), {"eta": eta}
     x = _sample(scheduler, steps, **kwargs)
-    mean, var = _exact_sampler_moments(
+    mean, var = exact_sampler_moments(
         scheduler.diffusion.alphas_cumprod, scheduler.timesteps.tolist(), eta, kind == "ddim"
     )
     _moments_match(x, mean, var)
@@ -96,7 +65,7 @@ def test_sampler_bias_falls_with_steps():
     for steps in (20, 50, 200, 1000):
         scheduler = DDIMPosteriorScheduler()
         scheduler.set_timesteps(steps)
-        _, var = _exact_sampler_moments(scheduler.diffusion.alphas_cumprod, scheduler.timesteps.tolist(), 0.0, True)
+        _, var = exact_sampler_moments(scheduler.diffusion.alphas_cumprod, scheduler.timesteps.tolist(), 0.0, True)
         biases.append(abs(var - STD**2))
     assert biases == sorted(biases, reverse=True) and biases[-1] < 0.002
 

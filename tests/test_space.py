@@ -7,8 +7,6 @@ The app runs as `python spaces/hf-ddpm/app.py` in a subprocess, bound by GRADIO_
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sys
 import threading
@@ -19,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import PIL.Image
 import pytest
 import torch
-from helpers import SPACE_DIR, free_port, running_space
+from helpers import SPACE_DIR, free_port, generate_on_space, running_space, served_image
 
 sys.path.insert(0, str(SPACE_DIR))  # app.py imports its sibling ddpm_space, as on a Space
 
@@ -59,28 +56,8 @@ def bundled() -> HFDDPMPipeline:
     return pipe
 
 
-def _image(file: dict | str) -> PIL.Image.Image:
-    """A served file (gradio_client's FileData dict) or a base64 PNG data URL, as a PIL image."""
-    if isinstance(file, str):
-        assert file.startswith("data:image/png;base64,")
-        return PIL.Image.open(io.BytesIO(base64.b64decode(file.split(",", 1)[1])))
-    for attempt in range(3):  # a keep-alive connection the server just closed fails once, harmlessly
-        try:
-            response = httpx.get(file["url"], timeout=30)
-            break
-        except httpx.TransportError:
-            if attempt == 2:
-                raise
-    assert response.status_code == 200, file
-    return PIL.Image.open(io.BytesIO(response.content))
-
-
 def _pixels(file: dict | str) -> np.ndarray:
-    return np.asarray(_image(file))
-
-
-def _generate(client, sampler="DDIM", steps=5, eta=0.0, spacing="leading", seed=0, num_images=4, corrector=1):
-    return client.submit(sampler, steps, eta, spacing, seed, num_images, corrector, api_name="/generate")
+    return np.asarray(served_image(file))
 
 
 # --- through gradio_client ---------------------------------------------------------------------------------------
@@ -98,24 +75,26 @@ def test_page_says_the_named_model_could_not_be_loaded(space_url: str):
 
 def test_generate_streams_previews_then_images_of_the_right_size(client, bundled):
     channels, height, width = core.image_shape(bundled)
-    job = _generate(client, steps=8, num_images=3)
+    job = generate_on_space(client, steps=8, num_images=3)
     status, x_t, x0, gallery, grid_file = job.result(timeout=120)
     outputs = [out for out in job.outputs() if isinstance(out, tuple)]
     assert outputs[0][0].startswith("**step 0/8**")  # x_T, at once
     assert any(out[0].startswith("**step ") and "/8**" in out[0] and "step 0/" not in out[0] for out in outputs)
     assert status.startswith("**Done:** 3 images")
     grid = core.grid_size(3, height, width)
-    assert _image(x_t).size == _image(x0).size == _image(grid_file).size == grid
+    assert served_image(x_t).size == served_image(x0).size == served_image(grid_file).size == grid
     assert grid_file["orig_name"] == "hf-ddpm_8steps_seed0.png"
-    assert _image(grid_file).mode == ("L" if channels == 1 else "RGB")
+    assert served_image(grid_file).mode == ("L" if channels == 1 else "RGB")
     assert [item["caption"] for item in gallery] == ["#1", "#2", "#3"]
     tile = core.upscale(np.zeros((height, width, channels), np.uint8)).size
-    assert all(_image(item["image"]).size == tile for item in gallery)
+    assert all(served_image(item["image"]).size == tile for item in gallery)
 
 
 def test_same_seed_same_images(client):
     def images(seed: int) -> list[np.ndarray]:
-        gallery = _generate(client, sampler="DDPM ancestral", steps=4, seed=seed, num_images=2).result(timeout=120)[3]
+        gallery = generate_on_space(client, sampler="DDPM ancestral", steps=4, seed=seed, num_images=2).result(
+            timeout=120
+        )[3]
         return [_pixels(item["image"]) for item in gallery]
 
     first, again, other = images(7), images(7), images(8)
@@ -127,7 +106,7 @@ def test_forward_endpoint(client, bundled):
     T = bundled.scheduler.config.num_train_timesteps
     x0, eps, x_t, info = client.predict(3, None, 500, 0, api_name="/forward")
     size = core.upscale(np.zeros((*core.image_shape(bundled)[1:], 1), np.uint8), 192).size
-    assert _image(x0).size == _image(eps).size == _image(x_t).size == size
+    assert served_image(x0).size == served_image(eps).size == served_image(x_t).size == size
     # The values come from the model's own schedule (computed here independently of the app).
     config = bundled.scheduler.config
     process = GaussianDiffusion(make_betas(config.beta_schedule, T, config.beta_start, config.beta_end))
@@ -143,7 +122,7 @@ def test_forward_endpoint(client, bundled):
 def test_schedules_endpoint(client):
     plot, table = client.predict(["linear", "cosine", "linear, zero terminal SNR"], 1000, api_name="/schedules")
     assert plot["type"] == "matplotlib"
-    assert _image(plot["plot"]).size == (1100, 750)  # figsize (11, 7.5) at 100 dpi
+    assert served_image(plot["plot"]).size == (1100, 750)  # figsize (11, 7.5) at 100 dpi
     assert "| cosine |" in table and "| linear, zero terminal SNR |" in table and "| quadratic |" not in table
     assert "| 0 | -inf |" in table  # ᾱ_{T-1} = 0 for the zero-terminal-SNR schedule
 
@@ -163,10 +142,10 @@ def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, inputs
     from gradio_client.exceptions import ValidationError
 
     with pytest.raises(ValidationError) as info:
-        _generate(client, **inputs).result(timeout=60)
+        generate_on_space(client, **inputs).result(timeout=60)
     assert message in str(info.value)
     assert "Traceback" not in str(info.value)
-    assert _generate(client, steps=2, num_images=1).result(timeout=120)[0].startswith("**Done:**")
+    assert generate_on_space(client, steps=2, num_images=1).result(timeout=120)[0].startswith("**Done:**")
 
 
 def test_forward_bad_inputs(client):
@@ -259,7 +238,7 @@ def test_solver_stream_counts_the_steps_it_takes(bundled):
 
 
 def test_generate_with_dpm_solver(client):
-    status = _generate(client, sampler=core.DPM_SOLVER, steps=5, num_images=2).result(timeout=120)[0]
+    status = generate_on_space(client, sampler=core.DPM_SOLVER, steps=5, num_images=2).result(timeout=120)[0]
     assert status.startswith("**Done:** 2 images · DPM-Solver++ (2M), 5 steps")
 
 

@@ -10,9 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from helpers import SPACE_DIR, generate_on_space, running_space, served_image
 from isolated_env import isolated_python, run_python
 from packaging.requirements import Requirement
-from test_space import SPACE_DIR, _generate, _image, running_space
 
 import hf_ddpm
 from hf_ddpm import space_deploy
@@ -62,10 +62,10 @@ def test_deployed_space_builds_and_generates_without_hf_ddpm_installed(hub_serve
     # The only hf_ddpm that interpreter can import is the copy beside app.py (the Space's folder is sys.path[0]).
     with running_space(tmp_path, app=space / "app.py", python=str(python)) as url:
         client = Client(url, verbose=False, download_files=False)
-        status, x_t, _, gallery, grid_file = _generate(client, steps=4, num_images=2).result(timeout=180)
+        status, x_t, _, gallery, grid_file = generate_on_space(client, steps=4, num_images=2).result(timeout=180)
         *_, forward_info = client.predict(0, None, 10, 0, api_name="/forward")  # the built-in digits load too
         assert status.startswith("**Done:** 2 images")
-        assert len(gallery) == 2 and _image(grid_file).size == _image(x_t).size  # served while it runs
+        assert len(gallery) == 2 and served_image(grid_file).size == served_image(x_t).size  # served while it runs
         assert "digit #0" in forward_info
 
 
