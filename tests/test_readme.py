@@ -41,14 +41,16 @@ def test_library_example_runs_as_written(tmp_path, capsys):
 
 
 def test_diffusers_solver_example_runs():
-    """The "diffusers' solvers" block, on a pipeline of our U-Net and DDIM scheduler."""
+    """The "diffusers' solvers" block, on a pipeline as the library example leaves it: our scheduler with a Langevin
+    corrector in its config, which a swapped-in diffusers solver carries along but cannot run (so it is not used)."""
     import torch
 
-    from hf_ddpm import DDIMPosteriorScheduler, DDPMUNet, HFDDPMPipeline
+    from hf_ddpm import DDPMPosteriorScheduler, DDPMUNet, HFDDPMPipeline
 
     torch.manual_seed(0)
     unet = DDPMUNet.from_preset("tiny-16", in_channels=1, out_channels=1)
-    namespace = {"__name__": "__readme__", "pipe": HFDDPMPipeline(unet=unet, scheduler=DDIMPosteriorScheduler())}
+    scheduler = DDPMPosteriorScheduler(corrector_steps=1)
+    namespace = {"__name__": "__readme__", "pipe": HFDDPMPipeline(unet=unet, scheduler=scheduler)}
     exec(compile(_block_with("DPMSolverMultistepScheduler"), str(README), "exec"), namespace)
     assert type(namespace["pipe"].scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert len(namespace["images"]) == 4

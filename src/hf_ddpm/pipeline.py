@@ -290,7 +290,9 @@ class HFDDPMPipeline(DiffusionPipeline):
 
     def _corrector_steps(self, corrector_steps: int | None) -> int:
         if corrector_steps is None:
-            corrector_steps = self.scheduler.config.get("corrector_steps", 0) or 0
+            # A config swapped into another scheduler class (e.g. DPM-Solver from ours) still carries our key.
+            has_corrector = hasattr(self.scheduler, "langevin_step")
+            corrector_steps = (self.scheduler.config.get("corrector_steps", 0) or 0) if has_corrector else 0
         check_int("corrector_steps", corrector_steps, 0)
         if corrector_steps and not hasattr(self.scheduler, "langevin_step"):
             raise ValueError(
