@@ -31,7 +31,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # both, digits are legible after ~600 steps where the linear schedule still gives noise. No flips: digits are
     # not mirror-symmetric. 2400 steps (not 1200), trailing spacing and the step-proportional EMA below bring
     # few-step DDIM close to 1000 DDPM steps: digits-FID of DDIM-20 / DDIM-50 (η=0) is 1.10x / 0.95x DDPM-1000's
-    # (README, bench_quality, means of 3 sampling seeds).
+    # (docs/benchmarks.md, bench_quality, means of 3 sampling seeds).
     "digits": dict(
         unet_preset="tiny-16",
         unet_overrides={"base_channels": 16, "channel_mult": [1, 2, 4], "num_groups": 8},
@@ -50,7 +50,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
         use_ema=True,
         # EMA decay s / (s + 2) at step s: the weights averaged with weight ∝ step, i.e. EDM2's power-function EMA
         # with exponent 1 (Karras et al. 2024), σ_rel 0.24. Post hoc, from raw snapshots of one run, it beat the
-        # 0.75-power warmup (σ_rel ~0.14) at DDIM-50 and DDIM-20 on each of 3 sampling seeds (README, bench_quality).
+        # 0.75-power warmup (σ_rel ~0.14) at DDIM-50 and DDIM-20 on each of 3 sampling seeds (docs/benchmarks.md, bench_quality).
         ema_inv_gamma=2.0,
         ema_power=1.0,
         ema_max_decay=0.9999,
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ddpm_num_steps", type=int, help="Diffusion steps T.")
     add("--ddpm_beta_schedule", help="β schedule (linear, scaled_linear, squaredcos_cap_v2, sigmoid, ...).")
     add("--calibrate_variance", type=int, default=0, help="After the last step, estimate Γ_t (Analytic-DPM, Bao et al. 2022) from the first N training images, unaugmented, and store it in the saved scheduler config, so samplers can use analytic_variance=True (as `python -m hf_ddpm.calibrate` does; N >= 3); 0: off.")  # fmt: skip
-    add("--timestep_spacing", choices=TIMESTEP_SPACINGS, help="How the saved pipeline spaces fewer sampling steps than T (its scheduler config; training uses all T). leading (diffusers' default) starts at T - T/steps and ends at t=0; trailing starts at t=T-1 (Lin et al. 2023) and ends at T/steps - 1. On the digits model trailing helps deterministic DDIM (η=0, the pipeline's default) at 20 steps and costs η=1 some quality (README, bench_quality).")  # fmt: skip
+    add("--timestep_spacing", choices=TIMESTEP_SPACINGS, help="How the saved pipeline spaces fewer sampling steps than T (its scheduler config; training uses all T). leading (diffusers' default) starts at T - T/steps and ends at t=0; trailing starts at t=T-1 (Lin et al. 2023) and ends at T/steps - 1. On the digits model trailing helps deterministic DDIM (η=0, the pipeline's default) at 20 steps and costs η=1 some quality (docs/benchmarks.md, bench_quality).")  # fmt: skip
 
     group = parser.add_argument_group("data")
     add("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder or an image folder; none: the built-in digits.")  # fmt: skip
