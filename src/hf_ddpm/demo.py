@@ -4,8 +4,9 @@
 
 Writes an HFDDPMPipeline folder (EMA weights, model card, training grids) to `outputs/digits-ddpm/` and a DDIM
 grid of 64 samples to `outputs/digits-ddpm/samples/demo-grid.png`; bits/dim and digits-FID are measured at steps
-0, 800, 1600 and 2400 (`--eval_steps`, a few seconds each) and shown in the card and the summary. The pipeline is
-loaded back the way users load it (`import hf_ddpm` + `DiffusionPipeline.from_pretrained`) before sampling.
+0, 800, 1600 and 2400 (`--eval_steps`) and shown in the card and the summary, and the saved scheduler config holds
+the analytic-variance calibration (`--calibrate_variance 8`). The pipeline is loaded back the way users load it
+(`import hf_ddpm` + `DiffusionPipeline.from_pretrained`) before sampling.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DEFAULT_OUTPUT_DIR = "outputs/digits-ddpm"
 def _pick_threads() -> int:
     """Intra-op threads for this run. The demo's U-Net is small, so a step is thousands of short parallel regions;
     when other processes already keep the cores busy, every region waits for a descheduled OpenMP thread and two
-    threads run ~3x slower than one. Use the cores that are idle (the 1-minute load average), at least one;
+    threads run slower than one. Use the cores that are idle (the 1-minute load average), at least one;
     an explicit OMP_NUM_THREADS is respected."""
     if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
         return torch.get_num_threads()
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     # Resuming makes a second `make demo` reuse the finished run (or extend it, e.g. with more steps) instead of
     # retraining; delete the output folder to start over.
     resume = [] if "--resume_from_checkpoint" in train_argv else ["--resume_from_checkpoint", "latest"]
-    # Bits/dim and digits-FID at steps 0, 800, 1600, 2400 on a small budget (~5 s each on one core; the flags below
+    # Bits/dim and digits-FID at steps 0, 800, 1600, 2400 on a small budget (a small share of the run; the flags below
     # override it, --eval_steps 0 turns it off).
     evaluation = ["--eval_steps", "800"]
     # Γ_t for the analytic variance (Bao et al. 2022) from 8 images at every t, stored in the saved scheduler config.
